@@ -1,1 +1,35 @@
-fn main() {}
+//! The `egress-gateway` command line.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use egress_gateway::cli;
+
+#[derive(Parser)]
+#[command(name = "egress-gateway", version, about = "SPIFFE-aware egress gateway for AI agents")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work with policy files: check, test, explain, schema.
+    #[command(subcommand)]
+    Policy(cli::policy::PolicyCommand),
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    match args.command {
+        Command::Policy(cmd) => cli::policy::run(cmd),
+        Command::Version => {
+            println!("egress-gateway {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Subcommands of the `egress-gateway` binary.
+
+pub mod policy;
