@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use egress_gateway::cli;
 
 #[derive(Parser)]
-#[command(name = "egress-gateway", version, about = "SPIFFE-aware egress gateway for AI agents")]
+#[command(
+    name = "egress-gateway",
+    version,
+    about = "SPIFFE-aware egress gateway for AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve: the mTLS egress proxy and the admin endpoints.
+    Run(cli::run::RunArgs),
     /// Work with policy files: check, test, explain, schema.
     #[command(subcommand)]
     Policy(cli::policy::PolicyCommand),
@@ -26,6 +32,7 @@ enum Command {
 fn main() -> ExitCode {
     let args = Cli::parse();
     match args.command {
+        Command::Run(args) => cli::run::run(args),
         Command::Policy(cmd) => cli::policy::run(cmd),
         Command::Version => {
             println!("egress-gateway {}", env!("CARGO_PKG_VERSION"));

@@ -1,3 +1,4 @@
 //! Subcommands of the `egress-gateway` binary.
 
 pub mod policy;
+pub mod run;

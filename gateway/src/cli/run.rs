@@ -1,0 +1,95 @@
+//! `egress-gateway run`: serve until SIGTERM/SIGINT; reload the policy on SIGHUP.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::{GatewayConfig, Overrides, ProcessEnv};
+use crate::server;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Path of gateway.yaml.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Override `listen` (ip:port of the mTLS proxy listener).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Override `admin` (ip:port of /healthz, /readyz, /metrics).
+    #[arg(long)]
+    pub admin: Option<String>,
+    /// Override `policy` (path of policy.yaml).
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Override `identity.workload_api` (unix:///path/to/agent.sock).
+    #[arg(long)]
+    pub workload_api: Option<String>,
+    /// Override `telemetry.audit_log` (stdout or a file path).
+    #[arg(long)]
+    pub audit_log: Option<String>,
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    crate::telemetry::init_logging();
+    let overrides = Overrides {
+        listen: args.listen,
+        admin: args.admin,
+        policy: args.policy,
+        workload_api: args.workload_api,
+        audit_log: args.audit_log,
+    };
+    let config = match GatewayConfig::load(&args.config, &overrides, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match server::start(config).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_shutdown_signal(&gateway).await;
+        gateway.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_shutdown_signal(gateway: &server::RunningGateway) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match gateway.policy().reload() {
+                Ok(_) => tracing::info!(path = %gateway.policy().path().display(), "policy reloaded (SIGHUP)"),
+                Err(e) => tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force"),
+            },
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! `gateway.yaml`: the gateway's own configuration (not the policy).
+//!
+//! Strict: unknown keys are an error, and every error names the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment the config falls back on; read through a trait so tests never mutate
+/// the process environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {location}`{key}`: {message}")]
+    Invalid {
+        origin: String,
+        key: String,
+        location: String,
+        message: String,
+    },
+}
+
+/// The raw file, as written by the operator.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin: Option<String>,
+    #[serde(default)]
+    identity: RawIdentity,
+    policy: Option<PathBuf>,
+    #[serde(default)]
+    telemetry: RawTelemetry,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    limits_backend: Option<String>,
+    on_backend_error: Option<String>,
+    #[serde(default)]
+    limits: RawResourceLimits,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    workload_api: Option<String>,
+    startup_timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    otlp_endpoint: Option<String>,
+    otlp_protocol: Option<String>,
+    service_name: Option<String>,
+    audit_log: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    handshake: Option<String>,
+    request_header: Option<String>,
+    connect: Option<String>,
+    idle: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResourceLimits {
+    max_connections: Option<usize>,
+    max_connections_per_agent: Option<usize>,
+    max_header_bytes: Option<usize>,
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditSink {
+    Stdout,
+    File(PathBuf),
+}
+
+/// What to do when a shared limits backend is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBackendError {
+    Deny,
+    AllowLocal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub handshake: Duration,
+    pub request_header: Duration,
+    pub connect: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceLimits {
+    pub max_connections: usize,
+    pub max_connections_per_agent: usize,
+    pub max_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Telemetry {
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: OtlpProtocol,
+    pub service_name: String,
+    pub audit_log: AuditSink,
+}
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    /// `unix:///path` or `tcp://host:port`, as the SPIFFE Workload API endpoint spec says.
+    pub workload_api: String,
+    pub identity_startup_timeout: Duration,
+    pub policy: PathBuf,
+    pub telemetry: Telemetry,
+    pub timeouts: Timeouts,
+    pub limits_backend: String,
+    pub on_backend_error: OnBackendError,
+    pub resource_limits: ResourceLimits,
+    pub shutdown_grace: Duration,
+}
+
+/// Values given on the command line; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    pub policy: Option<PathBuf>,
+    pub workload_api: Option<String>,
+    pub audit_log: Option<String>,
+}
+
+impl GatewayConfig {
+    /// Reads and validates `gateway.yaml`.
+    pub fn load(path: &Path, overrides: &Overrides, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml_str(&text, &path.display().to_string(), overrides, env)
+    }
+
+    pub fn from_yaml_str(
+        yaml: &str,
+        origin: &str,
+        overrides: &Overrides,
+        env: &dyn Env,
+    ) -> Result<Self, ConfigError> {
+        let raw: RawConfig = if yaml.trim().is_empty() {
+            RawConfig::default()
+        } else {
+            parse_yaml(yaml, origin)?
+        };
+        Self::from_raw(raw, origin, overrides, env)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        origin: &str,
+        overrides: &Overrides,
+        env: &dyn Env,
+    ) -> Result<Self, ConfigError> {
+        let bad = |key: &str, message: String| ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: key.to_string(),
+            location: String::new(),
+            message,
+        };
+        let addr = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
+            value.parse().map_err(|_| {
+                bad(
+                    key,
+                    format!("`{value}` is not an address of the form ip:port"),
+                )
+            })
+        };
+        let duration = |key: &str, value: Option<&String>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(bad(key, format!("`{v}` must be longer than zero"))),
+                Err(e) => Err(bad(
+                    key,
+                    format!("`{v}` is not a duration like 10s or 500ms ({e})"),
+                )),
+            },
+        };
+
+        let listen_s = overrides
+            .listen
+            .clone()
+            .or(raw.listen)
+            .unwrap_or_else(|| "0.0.0.0:8443".into());
+        let admin_s = overrides
+            .admin
+            .clone()
+            .or(raw.admin)
+            .unwrap_or_else(|| "127.0.0.1:9901".into());
+        let listen = addr("listen", &listen_s)?;
+        let admin = addr("admin", &admin_s)?;
+        if listen == admin && listen.port() != 0 {
+            return Err(bad(
+                "admin",
+                "must not share the mTLS listener's address".into(),
+            ));
+        }
+
+        let workload_api = overrides
+            .workload_api
+            .clone()
+            .or(raw.identity.workload_api)
+            .or_else(|| env.var("SPIFFE_ENDPOINT_SOCKET"))
+            .ok_or_else(|| {
+                bad(
+                    "identity.workload_api",
+                    "not set, and SPIFFE_ENDPOINT_SOCKET is empty: say where the SPIFFE Workload API socket is (unix:///path/to/agent.sock)".into(),
+                )
+            })?;
+        if !(workload_api.starts_with("unix:") || workload_api.starts_with("tcp://")) {
+            return Err(bad(
+                "identity.workload_api",
+                format!("`{workload_api}` must start with unix:// or tcp://"),
+            ));
+        }
+        let identity_startup_timeout = duration(
+            "identity.startup_timeout",
+            raw.identity.startup_timeout.as_ref(),
+            Duration::from_secs(60),
+        )?;
+
+        let policy = overrides
+            .policy
+            .clone()
+            .or(raw.policy)
+            .ok_or_else(|| bad("policy", "not set: give the path of policy.yaml".into()))?;
+
+        let otlp_endpoint = raw
+            .telemetry
+            .otlp_endpoint
+            .or_else(|| env.var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .or_else(|| env.var("OTEL_EXPORTER_OTLP_ENDPOINT"));
+        let otlp_protocol = match raw
+            .telemetry
+            .otlp_protocol
+            .or_else(|| env.var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+            .or_else(|| env.var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+            .as_deref()
+        {
+            None | Some("grpc") => OtlpProtocol::Grpc,
+            Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+            Some(other) => {
+                return Err(bad(
+                    "telemetry.otlp_protocol",
+                    format!("`{other}` is not one of grpc, http/protobuf"),
+                ))
+            }
+        };
+        let service_name = raw
+            .telemetry
+            .service_name
+            .or_else(|| env.var("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "egress-gateway".into());
+        let audit_log = match overrides
+            .audit_log
+            .clone()
+            .or(raw.telemetry.audit_log)
+            .as_deref()
+        {
+            None | Some("stdout") | Some("-") => AuditSink::Stdout,
+            Some("") => return Err(bad("telemetry.audit_log", "must not be empty".into())),
+            Some(path) => AuditSink::File(PathBuf::from(path)),
+        };
+
+        let timeouts = Timeouts {
+            handshake: duration(
+                "timeouts.handshake",
+                raw.timeouts.handshake.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            request_header: duration(
+                "timeouts.request_header",
+                raw.timeouts.request_header.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            connect: duration(
+                "timeouts.connect",
+                raw.timeouts.connect.as_ref(),
+                Duration::from_secs(10),
+            )?,
+            idle: duration(
+                "timeouts.idle",
+                raw.timeouts.idle.as_ref(),
+                Duration::from_secs(300),
+            )?,
+        };
+
+        let limits_backend = raw.limits_backend.unwrap_or_else(|| "memory".into());
+        if limits_backend != "memory"
+            && !(limits_backend.starts_with("redis://") || limits_backend.starts_with("rediss://"))
+        {
+            return Err(bad(
+                "limits_backend",
+                format!("`{limits_backend}` is neither `memory` nor a redis:// URL"),
+            ));
+        }
+        let on_backend_error = match raw.on_backend_error.as_deref() {
+            None | Some("deny") => OnBackendError::Deny,
+            Some("allow_local") => OnBackendError::AllowLocal,
+            Some(other) => {
+                return Err(bad(
+                    "on_backend_error",
+                    format!("`{other}` is not one of deny, allow_local"),
+                ))
+            }
+        };
+
+        let positive = |key: &str, v: Option<usize>, default: usize| match v {
+            None => Ok(default),
+            Some(0) => Err(bad(key, "must be at least 1".into())),
+            Some(n) => Ok(n),
+        };
+        let resource_limits = ResourceLimits {
+            max_connections: positive(
+                "limits.max_connections",
+                raw.limits.max_connections,
+                10_000,
+            )?,
+            max_connections_per_agent: positive(
+                "limits.max_connections_per_agent",
+                raw.limits.max_connections_per_agent,
+                1_000,
+            )?,
+            max_header_bytes: positive(
+                "limits.max_header_bytes",
+                raw.limits.max_header_bytes,
+                64 * 1024,
+            )?,
+        };
+        if resource_limits.max_header_bytes < 8192 {
+            return Err(bad(
+                "limits.max_header_bytes",
+                "must be at least 8192 (the HTTP/1 parser's minimum buffer)".into(),
+            ));
+        }
+        let shutdown_grace = duration(
+            "shutdown_grace",
+            raw.shutdown_grace.as_ref(),
+            Duration::from_secs(30),
+        )?;
+
+        Ok(GatewayConfig {
+            listen,
+            admin,
+            workload_api,
+            identity_startup_timeout,
+            policy,
+            telemetry: Telemetry {
+                otlp_endpoint,
+                otlp_protocol,
+                service_name,
+                audit_log,
+            },
+            timeouts,
+            limits_backend,
+            on_backend_error,
+            resource_limits,
+            shutdown_grace,
+        })
+    }
+}
+
+/// Parses YAML with the failing field's path and line in the error.
+fn parse_yaml(yaml: &str, origin: &str) -> Result<RawConfig, ConfigError> {
+    let mut path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(yaml, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let location = e
+            .location()
+            .map(|l| format!("line {}: ", l.line()))
+            .unwrap_or_default();
+        // The first line of saphyr's message; the rest is a source snippet.
+        let message = e.to_string().lines().next().unwrap_or_default().to_string();
+        ConfigError::Invalid {
+            origin: origin.to_string(),
+            key: if path.is_empty() || path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
+            location,
+            message,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv(HashMap<&'static str, &'static str>);
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).map(|v| v.to_string())
+        }
+    }
+
+    fn env() -> FakeEnv {
+        FakeEnv(HashMap::from([(
+            "SPIFFE_ENDPOINT_SOCKET",
+            "unix:///tmp/agent.sock",
+        )]))
+    }
+
+    fn load(yaml: &str) -> Result<GatewayConfig, ConfigError> {
+        GatewayConfig::from_yaml_str(yaml, "gateway.yaml", &Overrides::default(), &env())
+    }
+
+    #[test]
+    fn full_example_from_the_product_contract_loads() {
+        let cfg = load(
+            r#"
+listen: 0.0.0.0:8443
+admin: 127.0.0.1:9901
+identity:
+  workload_api: unix:///run/spire/sockets/agent.sock
+policy: /etc/egress-gateway/policy.yaml
+telemetry:
+  otlp_endpoint: http://otel-collector:4317
+  service_name: egress-gateway
+  audit_log: stdout
+timeouts: { handshake: 10s, request_header: 10s, connect: 10s, idle: 300s }
+limits_backend: memory
+on_backend_error: deny
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.workload_api, "unix:///run/spire/sockets/agent.sock");
+        assert_eq!(cfg.timeouts.idle, Duration::from_secs(300));
+        assert_eq!(cfg.telemetry.audit_log, AuditSink::Stdout);
+        assert_eq!(cfg.on_backend_error, OnBackendError::Deny);
+    }
+
+    #[test]
+    fn workload_api_falls_back_to_the_environment() {
+        let cfg = load("policy: p.yaml\n").unwrap();
+        assert_eq!(cfg.workload_api, "unix:///tmp/agent.sock");
+        assert_eq!(cfg.listen.port(), 8443);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("policy: p.yaml\ntimeouts: { handshak: 1s }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("handshak"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (yaml, key) in [
+            (
+                "policy: p.yaml\ntimeouts: { connect: soon }\n",
+                "timeouts.connect",
+            ),
+            ("policy: p.yaml\nlisten: nowhere\n", "listen"),
+            (
+                "policy: p.yaml\non_backend_error: maybe\n",
+                "on_backend_error",
+            ),
+            (
+                "policy: p.yaml\nlimits_backend: etcd://x\n",
+                "limits_backend",
+            ),
+            ("listen: 0.0.0.0:1\n", "policy"),
+        ] {
+            let err = load(yaml).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            ..Default::default()
+        };
+        let cfg = GatewayConfig::from_yaml_str(
+            "policy: p.yaml\nlisten: 0.0.0.0:8443\n",
+            "g.yaml",
+            &o,
+            &env(),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 0);
+    }
+}

@@ -1,0 +1,189 @@
+//! The mTLS listener: accept, handshake (client SVID required), then serve HTTP/1.1
+//! proxy requests on the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use egress_policy::SpiffeId;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ResourceLimits, Timeouts};
+use crate::identity::peer_spiffe_id;
+use crate::proxy::{PeerIdentity, Proxy};
+
+pub struct Listener {
+    tcp: TcpListener,
+    acceptor: TlsAcceptor,
+    proxy: Arc<Proxy>,
+    timeouts: Timeouts,
+    limits: ResourceLimits,
+    connections: Arc<Semaphore>,
+    per_agent: Arc<DashMap<SpiffeId, usize>>,
+}
+
+impl Listener {
+    pub fn new(
+        tcp: TcpListener,
+        tls: Arc<ServerConfig>,
+        proxy: Arc<Proxy>,
+        timeouts: Timeouts,
+        limits: ResourceLimits,
+    ) -> Self {
+        Listener {
+            tcp,
+            acceptor: TlsAcceptor::from(tls),
+            proxy,
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            per_agent: Arc::new(DashMap::new()),
+            timeouts,
+            limits,
+        }
+    }
+
+    /// Accepts until `stop` fires; connection tasks go on `tracker` so shutdown can wait.
+    pub async fn run(self, stop: CancellationToken, tracker: TaskTracker) {
+        let this = Arc::new(self);
+        loop {
+            let (tcp, addr) = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = this.tcp.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = this.connections.clone().try_acquire_owned() else {
+                tracing::warn!(peer = %addr, limit = this.limits.max_connections, "connection limit reached; closing new connection");
+                drop(tcp);
+                continue;
+            };
+            let _ = tcp.set_nodelay(true);
+            let conn = this.clone();
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                conn.serve(tcp, addr, stop).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve(&self, tcp: TcpStream, addr: SocketAddr, stop: CancellationToken) {
+        let tls = match tokio::time::timeout(self.timeouts.handshake, self.acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::warn!(peer = %addr, reason = %e, "mTLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(peer = %addr, timeout = ?self.timeouts.handshake, "mTLS handshake timed out");
+                return;
+            }
+        };
+        // The verifier already required exactly one valid SPIFFE ID; read it back.
+        let spiffe_id = match tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(peer_spiffe_id)
+        {
+            Some(Ok(id)) => id,
+            Some(Err(e)) => {
+                tracing::warn!(peer = %addr, reason = %e, "client certificate has no usable SPIFFE ID");
+                return;
+            }
+            None => {
+                tracing::warn!(peer = %addr, "client presented no certificate");
+                return;
+            }
+        };
+        let Some(_agent_slot) = AgentSlot::take(
+            &self.per_agent,
+            &spiffe_id,
+            self.limits.max_connections_per_agent,
+        ) else {
+            tracing::warn!(peer = %addr, spiffe_id = %spiffe_id, limit = self.limits.max_connections_per_agent, "per-agent connection limit reached; closing");
+            return;
+        };
+        let peer = Arc::new(PeerIdentity {
+            spiffe_id,
+            address: addr,
+        });
+        tracing::debug!(peer = %addr, spiffe_id = %peer.spiffe_id, "mTLS connection accepted");
+
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| proxy.clone().handle(req, peer.clone()));
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeouts.request_header)
+            .max_buf_size(self.limits.max_header_bytes)
+            .keep_alive(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(tls), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+                }
+            }
+            _ = stop.cancelled() => {
+                // Finish the in-flight request, then close.
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
+    }
+}
+
+/// One of an agent's connection slots, given back on drop.
+struct AgentSlot {
+    map: Arc<DashMap<SpiffeId, usize>>,
+    id: SpiffeId,
+}
+
+impl AgentSlot {
+    fn take(map: &Arc<DashMap<SpiffeId, usize>>, id: &SpiffeId, max: usize) -> Option<Self> {
+        let mut count = map.entry(id.clone()).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AgentSlot {
+            map: map.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+impl Drop for AgentSlot {
+    fn drop(&mut self) {
+        let empty = match self.map.get_mut(&self.id) {
+            Some(mut c) => {
+                *c = c.saturating_sub(1);
+                *c == 0
+            }
+            None => false,
+        };
+        if empty {
+            self.map.remove_if(&self.id, |_, c| *c == 0);
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! One request or tunnel from start to finish: what the audit line and span will say.
+//!
+//! Dropping an unfinished `Exchange` still writes its audit line, so an aborted request
+//! (client gone, task cancelled) is never missing from the log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use egress_policy::Decision;
+
+use crate::audit::{now_rfc3339, AuditLog, AuditRecord};
+use crate::telemetry::TraceContext;
+
+use super::refusal::Refusal;
+use super::PeerIdentity;
+
+pub struct Exchange {
+    started: Instant,
+    audit: AuditLog,
+    pub trace: TraceContext,
+    record: Option<AuditRecord>,
+}
+
+impl Exchange {
+    pub fn begin(
+        audit: AuditLog,
+        peer: &PeerIdentity,
+        kind: &'static str,
+        method: &str,
+        trace: TraceContext,
+    ) -> Self {
+        let record = AuditRecord {
+            ts: now_rfc3339(),
+            trace_id: trace.trace_id_hex(),
+            span_id: trace.span_id_hex(),
+            source_spiffe_id: peer.spiffe_id.to_string(),
+            source_address: peer.address.to_string(),
+            kind,
+            method: method.to_string(),
+            decision: "deny",
+            enforced: true,
+            ..Default::default()
+        };
+        Exchange {
+            started: Instant::now(),
+            audit,
+            trace,
+            record: Some(record),
+        }
+    }
+
+    fn rec(&mut self) -> &mut AuditRecord {
+        // `record` is only taken by `write`, which consumes or drops self.
+        self.record.get_or_insert_with(AuditRecord::default)
+    }
+
+    pub fn set_target(&mut self, host: &str, port: u16, path: &str) {
+        let r = self.rec();
+        r.host = host.to_string();
+        r.port = port;
+        r.path = path.to_string();
+    }
+
+    pub fn set_decision(&mut self, d: &Decision) {
+        let r = self.rec();
+        r.decision = if d.allowed { "allow" } else { "deny" };
+        r.enforced = d.allowed || d.enforced;
+        r.agent = d.agent.clone();
+        r.pathway = d.pathway.as_ref().map(|p| p.name.clone());
+        r.rule = d.rule.clone();
+        r.reason = d.reason.to_string();
+        r.dry_run_rules = d.dry_run_rules.clone();
+    }
+
+    pub fn set_resolved(&mut self, ip: std::net::IpAddr) {
+        self.rec().resolved_ip = Some(ip.to_string());
+    }
+
+    pub fn trace_id(&self) -> String {
+        self.trace.trace_id_hex()
+    }
+
+    /// Records a refusal (403/429/413/400/502/504) and writes the line.
+    pub fn refuse(mut self, refusal: &Refusal) {
+        let r = self.rec();
+        if refusal.is_denial() {
+            r.decision = "deny";
+            r.enforced = true;
+            if let Some(rule) = refusal.rule() {
+                r.rule = Some(rule.to_string());
+            }
+            r.reason = refusal.reason().to_string();
+        } else {
+            r.error = Some(refusal.reason().to_string());
+        }
+        r.limit = refusal.limit().map(str::to_string);
+        r.status = refusal.status().as_u16();
+        self.write();
+    }
+
+    /// Writes the line for a request that was served.
+    pub fn finish(mut self, status: u16, bytes: &ByteCounts, error: Option<String>) {
+        let r = self.rec();
+        r.status = status;
+        r.bytes_sent = bytes.sent();
+        r.bytes_received = bytes.received();
+        if error.is_some() {
+            r.error = error;
+        }
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if let Some(mut record) = self.record.take() {
+            record.duration_ms = self.started.elapsed().as_millis() as u64;
+            self.audit.record(record);
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        if self.record.is_some() {
+            let r = self.rec();
+            if r.error.is_none() {
+                r.error = Some("request abandoned before completion".into());
+            }
+            if r.status == 0 {
+                r.status = 499;
+            }
+            self.write();
+        }
+    }
+}
+
+/// Bytes moved through a request or tunnel, updated while it runs.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
+}
+
+impl ByteCounts {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    pub fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn add_received(&self, n: u64) {
+        self.received
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    pub fn received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,170 @@
+//! The proxy: one authenticated agent's HTTP requests, decided and then tunnelled
+//! (`CONNECT`) or forwarded (absolute-form `http://`).
+
+pub mod address_guard;
+pub mod dial;
+mod exchange;
+mod forward;
+mod metered;
+mod refusal;
+pub mod target;
+mod tunnel;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use egress_policy::{Decision, RequestKind, SpiffeId};
+use http::{HeaderMap, Method, Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::AuditLog;
+use crate::policy_store::PolicyStore;
+use crate::telemetry::TraceContext;
+
+pub use dial::{DialError, Dialer, Resolve, SystemResolver};
+pub use exchange::ByteCounts;
+use exchange::Exchange;
+pub use refusal::Refusal;
+use target::Target;
+
+/// The body type of every response the proxy produces.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Who is on the other end of an mTLS connection, taken from its verified SVID.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity {
+    pub spiffe_id: SpiffeId,
+    pub address: SocketAddr,
+}
+
+pub struct Proxy {
+    policy: PolicyStore,
+    audit: AuditLog,
+    dialer: Dialer,
+    forwarder: forward::Forwarder,
+    tunnel_idle: Duration,
+    tunnels: TaskTracker,
+    stop_tunnels: CancellationToken,
+}
+
+impl Proxy {
+    pub fn new(
+        policy: PolicyStore,
+        audit: AuditLog,
+        dialer: Dialer,
+        tunnel_idle: Duration,
+    ) -> Self {
+        Proxy {
+            forwarder: forward::Forwarder::new(dialer.clone()),
+            policy,
+            audit,
+            dialer,
+            tunnel_idle,
+            tunnels: TaskTracker::new(),
+            stop_tunnels: CancellationToken::new(),
+        }
+    }
+
+    /// Tunnels outlive the HTTP connection that opened them; shutdown waits on these.
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
+    }
+
+    /// Closes every open tunnel (shutdown deadline passed).
+    pub fn close_tunnels(&self) {
+        self.stop_tunnels.cancel();
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: Arc<PeerIdentity>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let trace = TraceContext::from_headers(req.headers());
+        if req.method() == Method::CONNECT {
+            Ok(self.connect(req, &peer, trace).await)
+        } else {
+            Ok(self.forward(req, &peer, trace).await)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        peer: &PeerIdentity,
+        kind: RequestKind,
+        method: &str,
+        target: &Target,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+        llm_model: Option<&str>,
+    ) -> Decision {
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .filter_map(|(k, v)| {
+                v.to_str()
+                    .ok()
+                    .map(|v| (k.as_str().to_string(), v.to_string()))
+            })
+            .collect();
+        let host = target.host.as_policy_str();
+        let request = egress_policy::Request {
+            source: &peer.spiffe_id,
+            source_address: Some(peer.address),
+            kind,
+            method,
+            host: &host,
+            port: target.port,
+            path,
+            query,
+            headers: &headers,
+            llm_model,
+            now: SystemTime::now(),
+        };
+        let decision = self.policy.current().evaluate(&request);
+        if !decision.dry_run_rules.is_empty() {
+            tracing::info!(
+                source = %peer.spiffe_id,
+                destination = %target,
+                rules = ?decision.dry_run_rules,
+                "dry-run rule would deny"
+            );
+        }
+        decision
+    }
+}
+
+/// Sends the refusal to the agent and writes its audit line.
+fn refuse(exchange: Exchange, refusal: Refusal) -> Response<ProxyBody> {
+    let response = refusal.to_response(&exchange.trace_id());
+    exchange.refuse(&refusal);
+    response
+}
+
+fn denial(decision: &Decision) -> Refusal {
+    Refusal::Denied {
+        reason: decision.reason.to_string(),
+        rule: decision.rule.clone(),
+    }
+}
+
+fn dial_refusal(e: &DialError) -> Refusal {
+    match e {
+        DialError::Blocked { ip, range } => {
+            tracing::warn!(%ip, range, "destination address refused");
+            Refusal::Denied {
+                reason: "destination address not allowed".into(),
+                rule: None,
+            }
+        }
+        e if e.is_timeout() => Refusal::UpstreamTimeout(e.to_string()),
+        e => Refusal::UpstreamUnreachable(e.to_string()),
+    }
+}

@@ -1,0 +1,204 @@
+//! Wires the gateway together: policy, audit log, admin, identity, listener, proxy.
+//! `egress-gateway run` and the end-to-end tests both start the gateway through here.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{AuditError, AuditLog, AuditWriter};
+use crate::config::GatewayConfig;
+use crate::health::Health;
+use crate::identity::{server_config, IdentityError, IdentitySource, TlsError};
+use crate::listener::Listener;
+use crate::policy_store::PolicyStore;
+use crate::proxy::{Dialer, Proxy, Resolve, SystemResolver};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("policy: {0}")]
+    Policy(#[from] egress_policy::PolicyError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Things tests replace: the resolver (private and rebinding answers).
+pub struct Dependencies {
+    pub resolver: Arc<dyn Resolve>,
+}
+
+impl Default for Dependencies {
+    fn default() -> Self {
+        Dependencies {
+            resolver: Arc::new(SystemResolver),
+        }
+    }
+}
+
+pub struct RunningGateway {
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    config: GatewayConfig,
+    stop: CancellationToken,
+    stop_admin: CancellationToken,
+    connections: TaskTracker,
+    proxy: Arc<Proxy>,
+    health: Arc<Health>,
+    audit: AuditLog,
+    audit_writer: AuditWriter,
+    identity: IdentitySource,
+    policy: PolicyStore,
+}
+
+pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
+    start_with(config, Dependencies::default()).await
+}
+
+pub async fn start_with(
+    config: GatewayConfig,
+    deps: Dependencies,
+) -> Result<RunningGateway, StartError> {
+    let policy = PolicyStore::load(&config.policy)?;
+    tracing::info!(path = %config.policy.display(), "policy loaded");
+    let (audit, audit_writer) = AuditLog::open(&config.telemetry.audit_log).await?;
+
+    let health = Arc::new(Health::default());
+    health.set_policy(policy.clone());
+    let admin = bind("admin", config.admin).await?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        what: "admin",
+        addr: config.admin,
+        source,
+    })?;
+    let stop_admin = CancellationToken::new();
+    tokio::spawn(crate::admin::serve(
+        admin,
+        health.clone(),
+        stop_admin.clone(),
+    ));
+    tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz)");
+
+    let identity = match IdentitySource::connect(
+        &config.workload_api,
+        config.identity_startup_timeout,
+    )
+    .await
+    {
+        Ok(i) => i,
+        Err(e) => {
+            stop_admin.cancel();
+            return Err(e.into());
+        }
+    };
+    health.set_identity(identity.clone());
+    let tls = server_config(&identity, policy.accepted_trust_domains())?;
+
+    let tcp = bind("mTLS proxy", config.listen).await?;
+    let proxy_addr = tcp.local_addr().map_err(|source| StartError::Bind {
+        what: "mTLS proxy",
+        addr: config.listen,
+        source,
+    })?;
+    let dialer = Dialer::new(deps.resolver, config.timeouts.connect);
+    let proxy = Arc::new(Proxy::new(
+        policy.clone(),
+        audit.clone(),
+        dialer,
+        config.timeouts.idle,
+    ));
+    let listener = Listener::new(
+        tcp,
+        tls,
+        proxy.clone(),
+        config.timeouts.clone(),
+        config.resource_limits.clone(),
+    );
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::spawn(listener.run(stop.clone(), connections.clone()));
+    tracing::info!(%proxy_addr, spiffe_id = ?identity.current().map(|m| m.spiffe_id.to_string()), "egress gateway listening (mTLS)");
+
+    Ok(RunningGateway {
+        proxy_addr,
+        admin_addr,
+        config,
+        stop,
+        stop_admin,
+        connections,
+        proxy,
+        health,
+        audit,
+        audit_writer,
+        identity,
+        policy,
+    })
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+impl RunningGateway {
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn identity(&self) -> &IdentitySource {
+        &self.identity
+    }
+
+    pub fn policy(&self) -> &PolicyStore {
+        &self.policy
+    }
+
+    /// Stops accepting, lets in-flight requests and tunnels finish until the grace period
+    /// ends, closes what is left, and flushes the audit log.
+    pub async fn shutdown(self) {
+        tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: draining connections and tunnels");
+        self.health.set_draining();
+        self.stop.cancel();
+        self.connections.close();
+        self.proxy.tunnels().close();
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            self.connections.wait().await;
+            self.proxy.tunnels().wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("grace period over; closing remaining tunnels");
+            self.proxy.close_tunnels();
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                self.proxy.tunnels().wait(),
+            )
+            .await;
+        }
+        self.audit.flush().await;
+        self.stop_admin.cancel();
+        self.identity.shutdown().await;
+        drop(self.proxy);
+        drop(self.audit);
+        // Other audit senders live in tasks that have ended by now; don't wait forever.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.audit_writer.close())
+            .await;
+        tracing::info!("shutdown complete");
+    }
+}
