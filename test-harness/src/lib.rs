@@ -1,1 +1,9 @@
+//! Fakes, fixtures and end-to-end test helpers for egress-gateway.
 #![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod agent;
+pub mod ca;
+pub mod gateway;
+pub mod upstream;
+pub mod workload_api;

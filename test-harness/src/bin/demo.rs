@@ -1,0 +1,191 @@
+//! A self-contained demo: a test CA and Workload API as the identity provider, the
+//! gateway with an example policy, upstreams on loopback, and agents making allowed and
+//! denied requests. Audit lines are printed as the gateway writes them.
+//!
+//! `cargo run -p test-harness --bin demo` (or `scripts/demo.sh`); `--serve` keeps the
+//! gateway running afterwards so you can try it with curl.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use test_harness::agent::AgentClient;
+use test_harness::ca::TestCa;
+use test_harness::gateway::{TestGateway, GATEWAY_ID};
+use test_harness::upstream::{HttpEcho, TlsEcho};
+use test_harness::workload_api::FakeWorkloadApi;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
+const CODING: &str = "spiffe://example.org/ns/ai-workloads/sa/coding-agent";
+
+fn policy(tls_port: u16, http_port: u16) -> String {
+    format!(
+        r#"version: 1
+trust_domains: [example.org]
+mode: enforce
+rules:
+  - name: no-paste-sites
+    action: deny
+    when: 'request.host.endsWith("pastebin.com")'
+agents:
+  - name: research-agent
+    id: {RESEARCH}
+    pathways:
+      - name: knowledge-base        # L4: a TLS site, tunnelled with CONNECT
+        destinations: ["localhost:{tls_port}"]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]   # the demo upstreams live on loopback
+      - name: internal-api          # plain HTTP, forwarded
+        destinations: ["localhost:{http_port}"]
+        methods: [GET]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+  - name: coding-agent
+    id: {CODING}
+    pathways:
+      - name: internal-api-write
+        destinations: ["localhost:{http_port}"]
+        methods: [POST]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+"#
+    )
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let serve = std::env::args().any(|a| a == "--serve");
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(test_harness::gateway::gateway_identity(&ca))
+        .await
+        .context("starting the Workload API")?;
+    let site_ca = TestCa::new("site.test");
+    let site = TlsEcho::start(site_ca.mint_server_cert(&["localhost"])).await?;
+    let internal = HttpEcho::start().await?;
+    let policy = policy(site.addr.port(), internal.addr.port());
+
+    println!("== egress-gateway demo");
+    println!(
+        "Workload API (embedded test SPIRE stand-in): {}",
+        api.endpoint()
+    );
+    println!(
+        "upstreams: TLS site localhost:{}, HTTP API localhost:{}",
+        site.addr.port(),
+        internal.addr.port()
+    );
+    println!("\n-- policy.yaml\n{policy}");
+
+    let gw = TestGateway::start(&policy, &api.endpoint()).await?;
+    println!(
+        "gateway {GATEWAY_ID}\n  mTLS proxy {}  admin http://{}/readyz\n  audit log {}\n",
+        gw.proxy_addr(),
+        gw.admin_addr(),
+        gw.audit_path().display()
+    );
+    let audit_path = gw.audit_path().to_path_buf();
+    let tail = tokio::spawn(async move {
+        let mut printed = 0;
+        loop {
+            let text = std::fs::read_to_string(&audit_path).unwrap_or_default();
+            for line in text.lines().skip(printed) {
+                println!("   audit: {line}");
+                printed += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    let roots = vec![ca.root_cert()];
+    let research = AgentClient::new(&ca.mint_svid(RESEARCH), &roots, gw.proxy_addr())?
+        .expect_gateway_id(GATEWAY_ID);
+    let coding = AgentClient::new(&ca.mint_svid(CODING), &roots, gw.proxy_addr())?
+        .expect_gateway_id(GATEWAY_ID);
+
+    step("research-agent: CONNECT to the TLS site (allowed, pathway knowledge-base)");
+    let t = research
+        .connect_tunnel(&format!("localhost:{}", site.addr.port()), &[])
+        .await?;
+    println!("   gateway answered {}", t.status);
+    if let Some(stream) = t.stream {
+        let mut tls = research
+            .tls_through_tunnel(stream, "localhost", &[site_ca.root_cert()])
+            .await?;
+        tls.write_all(b"GET /article HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out);
+        println!("   site said: {}", text.lines().next().unwrap_or_default());
+    }
+    pause().await;
+
+    step("research-agent: GET http://localhost/docs (allowed, pathway internal-api)");
+    let url = format!("http://localhost:{}/docs", internal.addr.port());
+    let r = research.request("GET", &url, &[], Vec::new()).await?;
+    println!("   {} {}", r.status, String::from_utf8_lossy(&r.body));
+    pause().await;
+
+    step("research-agent: POST to the same API (denied: the pathway allows GET only)");
+    let r = research.request("POST", &url, &[], b"{}".to_vec()).await?;
+    println!("   {} {}", r.status, String::from_utf8_lossy(&r.body));
+    pause().await;
+
+    step("research-agent: CONNECT pastebin.com:443 (denied by rule no-paste-sites)");
+    let t = research.connect_tunnel("pastebin.com:443", &[]).await?;
+    println!("   {} {}", t.status, String::from_utf8_lossy(&t.body));
+    pause().await;
+
+    step("coding-agent: POST to the API (allowed for this agent only)");
+    let r = coding
+        .request("POST", &url, &[], b"{\"patch\":1}".to_vec())
+        .await?;
+    println!("   {} {}", r.status, String::from_utf8_lossy(&r.body));
+    pause().await;
+
+    step("coding-agent: CONNECT to the TLS site (denied: no pathway for this agent)");
+    let t = coding
+        .connect_tunnel(&format!("localhost:{}", site.addr.port()), &[])
+        .await?;
+    println!("   {} {}", t.status, String::from_utf8_lossy(&t.body));
+    pause().await;
+
+    step("an agent of another trust domain (evil.org): refused at the TLS handshake");
+    let evil = TestCa::new("evil.org");
+    let stranger = AgentClient::new(
+        &evil.mint_svid("spiffe://evil.org/sa/x"),
+        &roots,
+        gw.proxy_addr(),
+    )?;
+    match stranger.request("GET", &url, &[], Vec::new()).await {
+        Ok(r) => println!("   unexpected answer {}", r.status),
+        Err(e) => println!("   refused: {e:#}"),
+    }
+    pause().await;
+
+    if serve {
+        println!("\nServing until Ctrl-C. Try it with curl:");
+        let dir = gw.dir().to_path_buf();
+        let svid = ca.mint_svid(RESEARCH);
+        std::fs::write(dir.join("agent.crt"), svid.cert_pem())?;
+        std::fs::write(dir.join("agent.key"), svid.key_pem())?;
+        std::fs::write(dir.join("ca.pem"), ca.root_pem())?;
+        println!(
+            "  curl --proxy https://127.0.0.1:{port} --proxy-cert {d}/agent.crt --proxy-key {d}/agent.key --proxy-cacert {d}/ca.pem {url}",
+            port = gw.proxy_addr().port(),
+            d = dir.display(),
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tail.abort();
+    gw.shutdown().await;
+    api.shutdown().await;
+    println!("\n== done: every request above, allowed or denied, has one audit line.");
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n>> {what}");
+}
+
+async fn pause() {
+    // Lets the audit tail print the line before the next step starts.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}

@@ -1,0 +1,196 @@
+//! Load generator: small forwarded HTTP requests on keep-alive connections, sent
+//! directly to an upstream (the baseline) and through the gateway over mTLS, in one run.
+//!
+//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use test_harness::gateway::World;
+use test_harness::upstream::HttpEcho;
+
+struct Args {
+    connections: usize,
+    seconds: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        connections: 8,
+        seconds: 5,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    for w in argv.windows(2) {
+        match w[0].as_str() {
+            "--connections" => a.connections = w[1].parse().unwrap_or(a.connections),
+            "--seconds" => a.seconds = w[1].parse().unwrap_or(a.seconds),
+            _ => {}
+        }
+    }
+    a
+}
+
+struct Report {
+    requests: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Report {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct(&self, p: f64) -> Duration {
+        if self.latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[i]
+    }
+    fn print(&self, name: &str) {
+        println!(
+            "{name:<10} {:>9.0} req/s  p50 {:>8.1} µs  p99 {:>8.1} µs  ({} requests, {} errors)",
+            self.rps(),
+            self.pct(0.50).as_secs_f64() * 1e6,
+            self.pct(0.99).as_secs_f64() * 1e6,
+            self.requests,
+            self.errors
+        );
+    }
+}
+
+async fn direct_worker(addr: std::net::SocketAddr, until: Instant) -> (Vec<Duration>, usize) {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return (lat, 1);
+    };
+    let _ = tcp.set_nodelay(true);
+    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return (lat, 1);
+    };
+    tokio::spawn(conn);
+    while Instant::now() < until {
+        let req = hyper::Request::get("/bench")
+            .header("host", format!("localhost:{}", addr.port()))
+            .body(Empty::<Bytes>::new())
+            .expect("static request");
+        let t = Instant::now();
+        match send.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == 200;
+                let _ = resp.into_body().collect().await;
+                if ok {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    (lat, errors)
+}
+
+async fn run<F, Fut>(connections: usize, seconds: u64, worker: F) -> Report
+where
+    F: Fn(Instant) -> Fut,
+    Fut: std::future::Future<Output = (Vec<Duration>, usize)> + Send + 'static,
+{
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let handles: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(worker(until)))
+        .collect();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        if let Ok((l, e)) = h.await {
+            latencies.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Report {
+        requests: latencies.len(),
+        errors,
+        elapsed,
+        latencies,
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args();
+    let echo = HttpEcho::start().await?;
+    let port = echo.addr.port();
+    let policy = format!(
+        r#"version: 1
+trust_domains: [example.org]
+agents:
+  - name: bench-agent
+    id: spiffe://example.org/ns/ai-workloads/sa/bench-agent
+    pathways:
+      - name: echo
+        destinations: ["localhost:{port}"]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+"#
+    );
+    let world = Arc::new(World::start(&policy).await?);
+    println!(
+        "{} keep-alive connections, {} s each, small GET requests",
+        a.connections, a.seconds
+    );
+
+    let addr = echo.addr;
+    let direct = run(a.connections, a.seconds, move |until| {
+        direct_worker(addr, until)
+    })
+    .await;
+    direct.print("direct");
+
+    let url = format!("http://localhost:{port}/bench");
+    let w = world.clone();
+    let via = run(a.connections, a.seconds, move |until| {
+        let agent = w
+            .agent("spiffe://example.org/ns/ai-workloads/sa/bench-agent")
+            .expect("agent client");
+        let url = url.clone();
+        async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let Ok(mut session) = agent.session().await else {
+                return (lat, 1);
+            };
+            while Instant::now() < until {
+                let t = Instant::now();
+                match session.request("GET", &url, &[], Vec::new()).await {
+                    Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }
+    })
+    .await;
+    via.print("gateway");
+    println!(
+        "ratio gateway/direct: throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x",
+        via.rps() / direct.rps(),
+        via.pct(0.5).as_secs_f64() / direct.pct(0.5).as_secs_f64(),
+        via.pct(0.99).as_secs_f64() / direct.pct(0.99).as_secs_f64()
+    );
+    if let Ok(w) = Arc::try_unwrap(world) {
+        w.shutdown().await;
+    }
+    Ok(())
+}
