@@ -1,14 +1,16 @@
 //! CEL: compile once at load, evaluate against lazily built attributes.
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cel::common::types::{CelInt, CelMap, CelMapKey, CelString, CelTimestamp};
+use cel::common::value::Val;
 use cel::{Context, Program, Value};
 
-use crate::request::Request;
+use crate::request::{Request, RequestKind};
 
 /// The top-level variables PRODUCT.md documents; anything else is a load error.
 const VARIABLES: [&str; 3] = ["source", "request", "now"];
@@ -16,7 +18,9 @@ const VARIABLES: [&str; 3] = ["source", "request", "now"];
 pub(crate) struct CelExpr {
     source: String,
     program: Program,
+    uses_source: bool,
     uses_request: bool,
+    uses_now: bool,
 }
 
 impl fmt::Debug for CelExpr {
@@ -66,7 +70,9 @@ impl CelExpr {
             }
         }
         Ok(CelExpr {
+            uses_source: refs.has_variable("source"),
             uses_request: refs.has_variable("request"),
+            uses_now: refs.has_variable("now"),
             source: src.into(),
             program,
         })
@@ -97,16 +103,37 @@ pub(crate) fn root_context() -> Context<'static, 'static> {
     Context::default()
 }
 
+/// Which top-level variables any expression of a policy uses, so an
+/// evaluation only builds those.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct VarSet {
+    pub(crate) source: bool,
+    pub(crate) request: bool,
+    pub(crate) now: bool,
+}
+
+impl VarSet {
+    pub(crate) fn add(&mut self, e: &CelExpr) {
+        self.source |= e.uses_source;
+        self.request |= e.uses_request;
+        self.now |= e.uses_now;
+    }
+}
+
 /// Attribute values for one evaluation, built on first use so decisions that
-/// touch no CEL never pay for them.
+/// touch no CEL never pay for them. Values borrow from the request instead of
+/// copying it.
 pub(crate) struct Activation<'a> {
-    root: &'a Context<'static, 'static>,
+    root: &'a Context<'a, 'a>,
     req: &'a Request<'a>,
     host: &'a str,
-    scope: OnceCell<Context<'a, 'static>>,
+    vars: VarSet,
+    scope: OnceCell<Context<'a, 'a>>,
 }
 
 pub(crate) type CelResult = Result<bool, String>;
+
+type Entries<'a> = HashMap<CelMapKey<'a>, Box<dyn Val + 'a>>;
 
 impl<'a> Activation<'a> {
     /// `host` is the normalized request host.
@@ -114,21 +141,29 @@ impl<'a> Activation<'a> {
         root: &'a Context<'static, 'static>,
         req: &'a Request<'a>,
         host: &'a str,
+        vars: VarSet,
     ) -> Self {
         Activation {
             root,
             req,
             host,
+            vars,
             scope: OnceCell::new(),
         }
     }
 
-    fn scope(&self) -> &Context<'a, 'static> {
+    fn scope(&self) -> &Context<'a, 'a> {
         self.scope.get_or_init(|| {
             let mut c = self.root.new_inner_scope();
-            c.add_variable_from_value("source", source_value(self.req));
-            c.add_variable_from_value("request", request_value(self.req, self.host, None));
-            c.add_variable_from_value("now", now_value(self.req.now));
+            if self.vars.source {
+                c.add_variable_as_val("source", Box::new(source_map(self.req)));
+            }
+            if self.vars.request {
+                c.add_variable_as_val("request", Box::new(request_map(self.req, self.host, None)));
+            }
+            if self.vars.now {
+                c.add_variable_as_val("now", Box::new(now_value(self.req.now)));
+            }
             c
         })
     }
@@ -140,9 +175,13 @@ impl<'a> Activation<'a> {
         let result = match llm_model {
             Some(model) if expr.uses_request => {
                 let mut inner = scope.new_inner_scope();
-                inner.add_variable_from_value(
+                inner.add_variable_as_val(
                     "request",
-                    request_value(self.req, self.host, Some(model)),
+                    Box::new(request_map(
+                        self.req,
+                        self.host,
+                        Some(model.to_owned().into()),
+                    )),
                 );
                 expr.program.execute(&inner)
             }
@@ -156,56 +195,89 @@ impl<'a> Activation<'a> {
     }
 }
 
-fn s(v: &str) -> Value {
-    Value::String(Arc::new(v.to_owned()))
+fn put<'a>(m: &mut Entries<'a>, k: &'static str, v: impl Into<CelString<'a>>) {
+    m.insert(CelMapKey::from(k), Box::new(v.into()));
 }
 
-fn source_value(req: &Request<'_>) -> Value {
-    let mut m: HashMap<&str, Value> = HashMap::with_capacity(4);
-    m.insert("spiffe_id", s(req.source.as_str()));
-    m.insert("trust_domain", s(req.source.trust_domain()));
-    m.insert("path", s(req.source.path()));
+fn source_map<'a>(req: &Request<'a>) -> CelMap<'a> {
+    let mut m = Entries::with_capacity(4);
+    put(&mut m, "spiffe_id", req.source.as_str());
+    put(&mut m, "trust_domain", req.source.trust_domain());
+    put(&mut m, "path", req.source.path());
     if let Some(a) = req.source_address {
-        m.insert("address", s(&a.to_string()));
+        put(&mut m, "address", a.to_string());
     }
-    Value::from(m)
+    CelMap::from(m)
 }
 
-fn request_value(req: &Request<'_>, host: &str, llm_model: Option<&str>) -> Value {
-    let mut headers: HashMap<String, Value> = HashMap::with_capacity(req.headers.len());
-    for (k, v) in req.headers {
-        let k = k.to_ascii_lowercase();
-        match headers.get_mut(&k) {
-            Some(Value::String(existing)) => {
-                let joined = format!("{existing}, {v}");
-                *existing = Arc::new(joined);
-            }
-            _ => {
-                headers.insert(k, s(v));
-            }
+fn request_map<'a>(
+    req: &Request<'a>,
+    host: &'a str,
+    llm_model: Option<CelString<'a>>,
+) -> CelMap<'a> {
+    let all: &'a [(String, String)] = req.headers;
+    let mut headers = Entries::with_capacity(all.len());
+    for (i, (k, v)) in all.iter().enumerate() {
+        // repeated names were joined at their first occurrence
+        if all[..i].iter().any(|(pk, _)| pk.eq_ignore_ascii_case(k)) {
+            continue;
         }
+        let mut more = all[i + 1..]
+            .iter()
+            .filter(|(nk, _)| nk.eq_ignore_ascii_case(k))
+            .peekable();
+        let value: CelString<'a> = if more.peek().is_none() {
+            v.as_str().into()
+        } else {
+            let mut joined = v.clone();
+            for (_, m) in more {
+                joined.push_str(", ");
+                joined.push_str(m);
+            }
+            joined.into()
+        };
+        headers.insert(header_key(k), Box::new(value));
     }
-    let mut m: HashMap<&str, Value> = HashMap::with_capacity(9);
-    m.insert("kind", s(req.kind.as_str()));
-    m.insert("method", s(&req.method.to_ascii_uppercase()));
-    m.insert("host", s(host));
-    m.insert("port", Value::Int(i64::from(req.port)));
-    m.insert("path", s(req.path));
-    m.insert("query", s(req.query));
-    m.insert("headers", Value::from(headers));
+    let mut m = Entries::with_capacity(8);
+    put(&mut m, "kind", req.kind.as_str());
+    let method: Cow<'a, str> = match req.kind {
+        RequestKind::Connect => Cow::Borrowed("CONNECT"),
+        RequestKind::Http if req.method.bytes().any(|b| b.is_ascii_lowercase()) => {
+            Cow::Owned(req.method.to_ascii_uppercase())
+        }
+        RequestKind::Http => Cow::Borrowed(req.method),
+    };
+    put(&mut m, "method", method);
+    put(&mut m, "host", host);
+    m.insert(
+        CelMapKey::from("port"),
+        Box::new(CelInt::from(i64::from(req.port))),
+    );
+    put(&mut m, "path", req.path);
+    put(&mut m, "query", req.query);
+    m.insert(CelMapKey::from("headers"), Box::new(CelMap::from(headers)));
     if let Some(model) = llm_model {
-        let mut llm: HashMap<&str, Value> = HashMap::with_capacity(1);
-        llm.insert("model", s(model));
-        m.insert("llm", Value::from(llm));
+        let mut llm = Entries::with_capacity(1);
+        put(&mut llm, "model", model);
+        m.insert(CelMapKey::from("llm"), Box::new(CelMap::from(llm)));
     }
-    Value::from(m)
+    CelMap::from(m)
 }
 
-fn now_value(now: SystemTime) -> Value {
+/// Header names are lower case by contract; lower-case anyway if a caller slipped.
+fn header_key(k: &str) -> CelMapKey<'_> {
+    if k.bytes().any(|b| b.is_ascii_uppercase()) {
+        CelMapKey::from(k.to_ascii_lowercase())
+    } else {
+        CelMapKey::from(k)
+    }
+}
+
+fn now_value(now: SystemTime) -> CelTimestamp {
     let (secs, nanos) = match now.duration_since(UNIX_EPOCH) {
         Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
         Err(e) => (-(e.duration().as_secs() as i64), 0),
     };
     let ts = chrono::DateTime::from_timestamp(secs, nanos).unwrap_or_default();
-    Value::Timestamp(ts.fixed_offset())
+    CelTimestamp::from(ts.fixed_offset())
 }

@@ -85,7 +85,7 @@ impl Policy {
             Some(h) => Cow::Borrowed(h.as_ref()),
             None => Cow::Owned(req.host.to_ascii_lowercase()),
         };
-        let act = Activation::new(&self.cel_root, req, &cel_host);
+        let act = Activation::new(&self.cel_root, req, &cel_host, self.cel_vars);
 
         let td_ok = self
             .trust_domains

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::cel_env::{root_context, CelExpr};
+use crate::cel_env::{root_context, CelExpr, VarSet};
 use crate::decision::Mode;
 use crate::error::PolicyError;
 use crate::host::Destination;
@@ -32,32 +32,53 @@ impl Policy {
     }
 }
 
+fn yaml_options() -> serde_saphyr::Options {
+    // The default node budget (250k) is below a 10,000-agent policy; keep the
+    // other anti-bomb limits (aliases, depth) at their defaults.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 20_000_000;
+    budget.max_events = 40_000_000;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// Strict YAML → `T` with the field path and position in the error.
 pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
     yaml: &str,
     origin: &str,
 ) -> Result<T, PolicyError> {
+    // Fast path without path tracking; parse again only to explain a failure.
+    let first = serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
+        T::deserialize(de)
+    });
+    let err = match first {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
     let mut field = String::new();
-    let res = serde_saphyr::with_deserializer_from_str(yaml, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
+    let res = serde_saphyr::with_deserializer_from_str_with_options(yaml, yaml_options(), |de| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
             field = e.path().to_string();
             e.into_inner()
         })
     });
-    res.map_err(|e| {
-        let loc = e.location();
-        let field = if field.is_empty() || field == "." {
-            String::new()
-        } else {
-            format!("{field}: ")
-        };
-        PolicyError::Yaml {
-            origin: origin.into(),
-            line: loc.map(|l| l.line()),
-            column: loc.map(|l| l.column()),
-            field,
-            message: first_line(&e.to_string()),
-        }
+    let e = match res {
+        Ok(_) => err,
+        Err(e) => e,
+    };
+    let loc = e.location();
+    let field = if field.is_empty() || field == "." {
+        String::new()
+    } else {
+        format!("{field}: ")
+    };
+    Err(PolicyError::Yaml {
+        origin: origin.into(),
+        line: loc.map(|l| l.line()),
+        column: loc.map(|l| l.column()),
+        field,
+        message: first_line(&e.to_string()),
     })
 }
 
@@ -228,6 +249,15 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
         }
     }
 
+    let mut cel_vars = VarSet::default();
+    for r in &rules {
+        cel_vars.add(&r.when);
+    }
+    for p in agents.iter().flat_map(|a| a.pathways.iter()) {
+        if let Some(w) = &p.when {
+            cel_vars.add(w);
+        }
+    }
     match errs.list.len() {
         0 => Ok(Policy {
             origin: origin.into(),
@@ -240,6 +270,7 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             agents,
             agent_index,
             cel_root: root_context(),
+            cel_vars,
         }),
         1 => Err(errs.list.remove(0)),
         _ => Err(PolicyError::Many(errs.list)),

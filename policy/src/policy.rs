@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::cel_env::CelExpr;
+use crate::cel_env::{CelExpr, VarSet};
 use crate::decision::Mode;
 use crate::id_pattern::IdPattern;
 use crate::index::{AgentIndex, DestIndex};
@@ -17,6 +17,8 @@ pub struct Policy {
     pub(crate) agents: Vec<Agent>,
     pub(crate) agent_index: AgentIndex,
     pub(crate) cel_root: cel::Context<'static, 'static>,
+    /// Variables any expression uses; only these are built per evaluation.
+    pub(crate) cel_vars: VarSet,
 }
 
 #[derive(Debug)]
