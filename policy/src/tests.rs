@@ -624,3 +624,21 @@ fn accessors() {
     assert_eq!(p.rules().count(), 2);
     assert_eq!(p.pathways().count(), 6);
 }
+
+#[test]
+fn large_policies_are_not_cut_off_by_the_yaml_budget() {
+    // more than serde-saphyr's default 250k-node budget
+    let dests: Vec<String> = (0..260_000)
+        .map(|i| format!("\"h{i}.example.com:443\""))
+        .collect();
+    let yaml = format!(
+        "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: a\n    id: spiffe://example.org/a\n    pathways:\n      - name: p\n        destinations: [{}]\n",
+        dests.join(", ")
+    );
+    let p = policy(&yaml);
+    assert!(
+        connect("spiffe://example.org/a", "h259999.example.com", 443)
+            .eval(&p)
+            .allowed
+    );
+}

@@ -1,6 +1,6 @@
 //! `egress-gateway policy ...`: check, test, explain, schema.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::SystemTime;
 
@@ -109,7 +109,7 @@ fn check(policies: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn test(policy: &PathBuf, tests: &[PathBuf]) -> ExitCode {
+fn test(policy: &Path, tests: &[PathBuf]) -> ExitCode {
     let policy = match Policy::load_file(policy) {
         Ok(p) => p,
         Err(e) => {
@@ -151,7 +151,7 @@ fn test(policy: &PathBuf, tests: &[PathBuf]) -> ExitCode {
 }
 
 fn explain(
-    policy: &PathBuf,
+    policy: &Path,
     source: &str,
     request: &str,
     headers: &[String],
