@@ -34,10 +34,8 @@ pub enum Reason {
     Allowed,
     /// A deny rule matched.
     DeniedByRule,
-    /// A deny rule's CEL failed to evaluate; fail closed.
-    DenyRuleError {
-        error: String,
-    },
+    /// A deny rule's CEL failed to evaluate; fail closed (`policy explain` shows the error).
+    DenyRuleError,
     /// The peer's trust domain is not in `trust_domains`.
     UntrustedTrustDomain,
     /// No agent entry's `id` matches the peer.
@@ -66,7 +64,7 @@ impl Reason {
         match self {
             Reason::Allowed => "allowed",
             Reason::DeniedByRule => "denied_by_rule",
-            Reason::DenyRuleError { .. } => "deny_rule_error",
+            Reason::DenyRuleError => "deny_rule_error",
             Reason::UntrustedTrustDomain => "untrusted_trust_domain",
             Reason::NoMatchingAgent => "no_matching_agent",
             Reason::NoMatchingPathway => "no_matching_pathway",
@@ -83,9 +81,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::Allowed => f.write_str("allowed by pathway"),
             Reason::DeniedByRule => f.write_str("denied by rule"),
-            Reason::DenyRuleError { error } => {
-                write!(f, "deny rule could not be evaluated (fail closed): {error}")
-            }
+            Reason::DenyRuleError => f.write_str("deny rule could not be evaluated (fail closed)"),
             Reason::UntrustedTrustDomain => f.write_str("trust domain not accepted"),
             Reason::NoMatchingAgent => f.write_str("no agent entry matches the source identity"),
             Reason::NoMatchingPathway => f.write_str("no pathway allows this destination"),

@@ -112,7 +112,7 @@ impl Policy {
             let reason = match result {
                 Ok(false) => continue,
                 Ok(true) => Reason::DeniedByRule,
-                Err(error) => Reason::DenyRuleError { error },
+                Err(_) => Reason::DenyRuleError,
             };
             if rule.dry_run {
                 dry_run_rules.push(rule.name.clone());

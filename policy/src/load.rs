@@ -435,6 +435,7 @@ fn compile_pathway(
         upstream: upstream.flatten(),
         limits,
         allow_cidrs,
+        require_sni: p.require_sni,
         when,
     })
 }

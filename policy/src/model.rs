@@ -132,6 +132,9 @@ pub struct PathwaySpec {
     /// Private/loopback/link-local/metadata ranges this pathway may reach.
     #[serde(default)]
     pub allow_cidrs: Vec<Located<String>>,
+    /// Check the TLS ClientHello's SNI against the CONNECT host on every port, not only 443.
+    #[serde(default)]
+    pub require_sni: bool,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

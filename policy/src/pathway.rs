@@ -18,6 +18,8 @@ pub struct Pathway {
     pub upstream: Option<Upstream>,
     pub limits: Limits,
     pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// Tunnels check the ClientHello's SNI on any port (always on port 443).
+    pub require_sni: bool,
     pub(crate) when: Option<CelExpr>,
 }
 
