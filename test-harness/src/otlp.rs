@@ -1,0 +1,191 @@
+//! An OTLP trace receiver: a real gRPC `TraceService` built from the OpenTelemetry
+//! protos, collecting every span it is sent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// One received span, with IDs as lower-case hex.
+#[derive(Debug, Clone)]
+pub struct CapturedSpan {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty for a root span.
+    pub parent_span_id: String,
+    pub kind: i32,
+    pub attributes: HashMap<String, AttrValue>,
+    pub service_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    Other(String),
+}
+
+impl CapturedSpan {
+    pub fn str(&self, key: &str) -> Option<&str> {
+        match self.attributes.get(key) {
+            Some(AttrValue::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn int(&self, key: &str) -> Option<i64> {
+        match self.attributes.get(key) {
+            Some(AttrValue::Int(i)) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<CapturedSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut out = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let service_name = rs.resource.as_ref().and_then(|r| {
+                r.attributes
+                    .iter()
+                    .find(|kv| kv.key == "service.name")
+                    .and_then(|kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+            });
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    let attributes = span
+                        .attributes
+                        .iter()
+                        .map(|kv| {
+                            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Value::StringValue(s)) => AttrValue::Str(s.clone()),
+                                Some(Value::IntValue(i)) => AttrValue::Int(*i),
+                                Some(Value::BoolValue(b)) => AttrValue::Bool(*b),
+                                other => AttrValue::Other(format!("{other:?}")),
+                            };
+                            (kv.key.clone(), v)
+                        })
+                        .collect();
+                    out.push(CapturedSpan {
+                        name: span.name.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        kind: span.kind,
+                        attributes,
+                        service_name: service_name.clone(),
+                    });
+                }
+            }
+        }
+        if let Ok(mut spans) = self.spans.lock() {
+            spans.extend(out);
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// A running receiver on 127.0.0.1; stops when dropped or killed.
+pub struct OtlpReceiver {
+    pub addr: SocketAddr,
+    collector: Collector,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let collector = Collector::default();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let svc = TraceServiceServer::new(collector.clone());
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+        Ok(OtlpReceiver {
+            addr,
+            collector,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `telemetry.otlp_endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<CapturedSpan> {
+        self.collector
+            .spans
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits (bounded) until at least `n` spans arrived.
+    pub async fn wait_for_spans(&self, n: usize) -> Vec<CapturedSpan> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n || tokio::time::Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the receiver: the port then refuses connections (a collector outage).
+    pub async fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}

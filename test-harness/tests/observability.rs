@@ -1,0 +1,308 @@
+//! Traces, metrics and health endpoints, end to end: the real gateway exporting OTLP to
+//! a real gRPC TraceService, scraped over its admin listener.
+
+use std::time::Duration;
+
+use test_harness::ca::{SvidOptions, TestCa};
+use test_harness::gateway::{admin_get, gateway_identity, GatewayOptions, World, GATEWAY_ID};
+use test_harness::otlp::OtlpReceiver;
+use test_harness::upstream::{HttpEcho, TlsEcho};
+use test_harness::workload_api::WorkloadIdentity;
+
+const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
+const AGENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const AGENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn policy(tls_port: u16, http_port: u16) -> String {
+    format!(
+        r#"version: 1
+trust_domains: [example.org]
+rules:
+  - name: no-paste-sites
+    action: deny
+    when: 'request.host.endsWith("pastebin.com")'
+agents:
+  - name: research-agent
+    id: {RESEARCH}
+    pathways:
+      - name: local-tls
+        destinations: ["localhost:{tls_port}"]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+      - name: local-http
+        destinations: ["localhost:{http_port}"]
+        methods: [GET]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+"#
+    )
+}
+
+async fn start(otlp: Option<&OtlpReceiver>) -> (World, TlsEcho, HttpEcho) {
+    let tls_ca = TestCa::new("upstream.test");
+    let tls = TlsEcho::start(tls_ca.mint_server_cert(&["localhost"]))
+        .await
+        .unwrap();
+    let http = HttpEcho::start().await.unwrap();
+    let w = World::start_with(
+        &policy(tls.addr.port(), http.addr.port()),
+        GatewayOptions {
+            otlp_endpoint: otlp.map(|o| o.endpoint()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    (w, tls, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids() {
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let (w, tls, http) = start(Some(&otlp)).await;
+    let agent = w.agent(RESEARCH).unwrap();
+    let traceparent = format!("00-{AGENT_TRACE}-{AGENT_SPAN}-01");
+    let tp: &[(&str, &str)] = &[("traceparent", traceparent.as_str())];
+
+    // Allowed tunnel (with the agent's trace context), closed right away.
+    let t = agent
+        .connect_tunnel(&format!("localhost:{}", tls.addr.port()), tp)
+        .await
+        .unwrap();
+    assert_eq!(t.status, 200);
+    drop(t);
+    // Denied tunnel.
+    let t = agent.connect_tunnel("pastebin.com:443", &[]).await.unwrap();
+    assert_eq!(t.status, 403);
+    // Allowed forwarded request (with the agent's trace context).
+    let url = format!("http://localhost:{}/traced", http.addr.port());
+    let r = agent.request("GET", &url, tp, Vec::new()).await.unwrap();
+    assert_eq!(r.status, 200);
+    // Denied forwarded request (method).
+    let r = agent.request("POST", &url, &[], Vec::new()).await.unwrap();
+    assert_eq!(r.status, 403);
+    // Malformed request.
+    let r = agent.request("GET", "http://0x7f.1/", &[], Vec::new()).await.unwrap();
+    assert_eq!(r.status, 400);
+
+    let lines = w.gateway.wait_for_audit(5).await;
+    assert_eq!(lines.len(), 5, "{lines:#?}");
+    w.gateway.gateway().telemetry().flush().await;
+    let spans = otlp.wait_for_spans(5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let spans_after = otlp.spans();
+    assert_eq!(spans_after.len(), 5, "exactly one span per request: {spans_after:#?}");
+
+    for line in &lines {
+        let trace_id = line["trace_id"].as_str().unwrap();
+        let span_id = line["span_id"].as_str().unwrap();
+        let matching: Vec<_> = spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id && s.span_id == span_id)
+            .collect();
+        assert_eq!(matching.len(), 1, "audit line {line} has no single span");
+        let span = matching[0];
+        assert_eq!(span.str("spiffe.peer_id"), Some(RESEARCH));
+        assert_eq!(span.str("egress.decision"), line["decision"].as_str());
+        assert_eq!(
+            span.str("egress.pathway").unwrap_or_default(),
+            line["pathway"].as_str().unwrap_or_default()
+        );
+        assert_eq!(
+            span.str("egress.rule").unwrap_or_default(),
+            line["rule"].as_str().unwrap_or_default()
+        );
+        assert_eq!(span.int("http.response.status_code"), line["status"].as_i64());
+        assert_eq!(span.int("egress.bytes_sent"), line["bytes_sent"].as_i64());
+        assert_eq!(span.int("egress.bytes_received"), line["bytes_received"].as_i64());
+        assert_eq!(span.str("http.request.method"), line["method"].as_str());
+        assert_eq!(span.service_name.as_deref(), Some("egress-gateway"));
+    }
+
+    // The agent's traceparent is the parent of the gateway's span...
+    let children: Vec<_> = spans.iter().filter(|s| s.trace_id == AGENT_TRACE).collect();
+    assert_eq!(children.len(), 2, "{spans:#?}");
+    assert!(children.iter().all(|s| s.parent_span_id == AGENT_SPAN));
+    // ...and requests without one start a new trace.
+    let roots = spans.iter().filter(|s| s.parent_span_id.is_empty()).count();
+    assert_eq!(roots, 3);
+
+    // The gateway's span is the upstream's parent.
+    let forwarded = children.iter().find(|s| s.name == "GET").unwrap();
+    let seen = http.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("traceparent"),
+        Some(format!("00-{AGENT_TRACE}-{}-01", forwarded.span_id).as_str())
+    );
+    assert_eq!(forwarded.str("url.full"), Some(url.as_str()));
+    w.shutdown().await;
+}
+
+fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_traffic_and_labels_stay_bounded() {
+    let (w, tls, http) = start(None).await;
+    let agent = w.agent(RESEARCH).unwrap();
+    let url = format!("http://localhost:{}/m", http.addr.port());
+
+    let before = w.gateway.metrics().await.unwrap();
+    assert_eq!(
+        metric_value(&before, "egress_requests_total", &[("pathway", "local-http")]),
+        None
+    );
+    for _ in 0..3 {
+        assert_eq!(agent.request("GET", &url, &[], Vec::new()).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        agent.connect_tunnel("pastebin.com:443", &[]).await.unwrap().status,
+        403
+    );
+    // A tunnel held open shows in the gauge.
+    let open = agent
+        .connect_tunnel(&format!("localhost:{}", tls.addr.port()), &[])
+        .await
+        .unwrap();
+    assert_eq!(open.status, 200);
+    // A refused handshake: an agent of a trust domain the policy does not accept.
+    let foreign = TestCa::new("evil.org");
+    let stranger = test_harness::agent::AgentClient::new(
+        &foreign.mint_svid("spiffe://evil.org/sa/x"),
+        &w.roots(),
+        w.gateway.proxy_addr(),
+    )
+    .unwrap();
+    assert!(stranger.request("GET", &url, &[], Vec::new()).await.is_err());
+    w.gateway.wait_for_audit(4).await;
+
+    let m = w.gateway.metrics().await.unwrap();
+    let allowed = [
+        ("kind", "http"),
+        ("decision", "allow"),
+        ("agent", "research-agent"),
+        ("pathway", "local-http"),
+    ];
+    assert_eq!(metric_value(&m, "egress_requests_total", &allowed), Some(3.0), "{m}");
+    assert_eq!(
+        metric_value(
+            &m,
+            "egress_requests_total",
+            &[("decision", "deny"), ("rule", "no-paste-sites")]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        metric_value(&m, "egress_transferred_bytes_total", &[("direction", "received"), ("pathway", "local-http")])
+            .unwrap()
+            > 0.0,
+        "{m}"
+    );
+    assert_eq!(metric_value(&m, "egress_active_tunnels", &[]), Some(1.0), "{m}");
+    assert_eq!(
+        metric_value(&m, "egress_handshake_failures_total", &[("reason", "trust_domain_not_accepted")]),
+        Some(1.0),
+        "{m}"
+    );
+    assert!(
+        metric_value(&m, "egress_request_duration_seconds_count", &[("kind", "http")]).expect(&m) >= 3.0,
+        "{m}"
+    );
+    let expiry = metric_value(&m, "egress_svid_expiry_timestamp_seconds", &[]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now, "SVID expiry {expiry} is not in the future");
+    // Bounded labels: no SPIFFE IDs, hosts or addresses.
+    for forbidden in ["spiffe://", "pastebin", "localhost", "127.0.0.1", "evil.org"] {
+        assert!(!m.contains(forbidden), "/metrics mentions {forbidden}:\n{m}");
+    }
+    drop(open);
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_does_not_affect_traffic() {
+    let mut otlp = OtlpReceiver::start().await.unwrap();
+    let (w, _tls, http) = start(Some(&otlp)).await;
+    otlp.kill().await;
+    let agent = w.agent(RESEARCH).unwrap();
+    let url = format!("http://localhost:{}/while-collector-down", http.addr.port());
+    let mut session = agent.session().await.unwrap();
+    for _ in 0..50 {
+        let r = session.request("GET", &url, &[], Vec::new()).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(w.gateway.wait_for_audit(50).await.len(), 50);
+    // The lost spans are counted.
+    w.gateway.gateway().telemetry().flush().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = w.gateway.metrics().await.unwrap();
+        let dropped = metric_value(&m, "egress_otlp_spans_dropped_total", &[]).unwrap_or(0.0);
+        if dropped >= 50.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "dropped spans not counted:\n{m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_tells_the_truth_about_the_svid() {
+    let (w, _tls, _http) = start(None).await;
+    let admin = w.gateway.admin_addr();
+    assert_eq!(admin_get(admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(admin_get(admin, "/readyz").await.unwrap().0, 200);
+
+    // The Workload API hands out an SVID that expires in two seconds and then goes
+    // quiet (as if the agent were stuck): the gateway stays live but not ready.
+    let short = w.ca.mint(SvidOptions {
+        spiffe_id: Some(GATEWAY_ID.into()),
+        ttl: Some(Duration::from_secs(2)),
+        ..Default::default()
+    });
+    let short_cert = short.cert_chain[0].clone();
+    w.api.update(WorkloadIdentity {
+        svids: vec![short],
+        bundle: vec![w.ca.root_cert()],
+        federated_bundles: vec![],
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while w.gateway.gateway().identity().current().unwrap().certified_key.cert[0] != short_cert {
+        assert!(tokio::time::Instant::now() < deadline, "rotation not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = admin_get(admin, "/readyz").await.unwrap();
+        if status == 503 {
+            assert!(body.contains("expired"), "{body}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never became unready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(admin_get(admin, "/healthz").await.unwrap().0, 200);
+
+    // A fresh SVID makes it ready again, without a restart.
+    w.api.update(gateway_identity(&w.ca));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while admin_get(admin, "/readyz").await.unwrap().0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "never became ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.shutdown().await;
+}
