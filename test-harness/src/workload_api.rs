@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use rustls_pki_types::CertificateDer;
@@ -90,19 +91,39 @@ fn bundles_response(id: &WorkloadIdentity) -> pb::X509BundlesResponse {
         .iter()
         .map(|(td, cas)| (td_key(td), concat(cas)))
         .collect();
-    if let Some(own) = id
-        .svids
-        .first()
-        .and_then(|s| s.spiffe_id.as_deref())
-        .and_then(|sid| sid.strip_prefix("spiffe://"))
-        .and_then(|rest| rest.split('/').next())
-    {
-        bundles.insert(td_key(own), concat(&id.bundle));
+    if let Some(own) = own_trust_domain(id) {
+        bundles.insert(td_key(&own), concat(&id.bundle));
     }
     pb::X509BundlesResponse {
         crl: vec![],
         bundles,
     }
+}
+
+/// The own trust domain: from the default SVID's ID, else from the first bundle CA's
+/// `spiffe://td` URI SAN (as `TestCa` roots carry), so a bundle-only identity still names it.
+fn own_trust_domain(id: &WorkloadIdentity) -> Option<String> {
+    let from_id = |sid: &str| {
+        sid.strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .filter(|td| !td.is_empty())
+            .map(str::to_string)
+    };
+    if let Some(td) = id
+        .svids
+        .first()
+        .and_then(|s| s.spiffe_id.as_deref())
+        .and_then(from_id)
+    {
+        return Some(td);
+    }
+    let ca = id.bundle.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(ca.as_ref()).ok()?;
+    let san = parsed.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => from_id(u),
+        _ => None,
+    })
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -114,7 +135,18 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-type Shared = watch::Receiver<Arc<WorkloadIdentity>>;
+/// What every stream watches: the material, and whether the "agent" is down.
+#[derive(Clone)]
+struct State {
+    identity: Arc<WorkloadIdentity>,
+    down: bool,
+}
+
+fn unavailable() -> Status {
+    Status::unavailable("workload API is unavailable (simulated outage)")
+}
+
+type Shared = watch::Receiver<State>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 struct Service {
@@ -132,9 +164,23 @@ impl SpiffeWorkloadApi for Service {
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&req)?;
-        // Refuse up front, as SPIRE does, rather than opening an empty stream.
-        x509_response(&self.rx.borrow())?;
-        let stream = WatchStream::new(self.rx.clone()).map(|id| x509_response(&id));
+        {
+            // Refuse up front, as SPIRE does, rather than opening an empty stream.
+            let state = self.rx.borrow();
+            if state.down {
+                return Err(unavailable());
+            }
+            x509_response(&state.identity)?;
+        }
+        // An `Err` item ends the gRPC stream (tonic sends it as the trailers), so an
+        // outage or a withdrawn identity drops every client, which then reconnects.
+        let stream = WatchStream::new(self.rx.clone()).map(|state| {
+            if state.down {
+                Err(unavailable())
+            } else {
+                x509_response(&state.identity)
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -143,7 +189,16 @@ impl SpiffeWorkloadApi for Service {
         req: Request<pb::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         check_header(&req)?;
-        let stream = WatchStream::new(self.rx.clone()).map(|id| Ok(bundles_response(&id)));
+        if self.rx.borrow().down {
+            return Err(unavailable());
+        }
+        let stream = WatchStream::new(self.rx.clone()).map(|state| {
+            if state.down {
+                Err(unavailable())
+            } else {
+                Ok(bundles_response(&state.identity))
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -181,7 +236,7 @@ impl SpiffeWorkloadApi for Service {
 /// A running fake Workload API. Dropping it stops the server.
 pub struct FakeWorkloadApi {
     socket_path: PathBuf,
-    tx: watch::Sender<Arc<WorkloadIdentity>>,
+    tx: watch::Sender<State>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -189,7 +244,10 @@ pub struct FakeWorkloadApi {
 
 impl FakeWorkloadApi {
     pub async fn start(socket_path: &Path, identity: WorkloadIdentity) -> anyhow::Result<Self> {
-        let (tx, _) = watch::channel(Arc::new(identity));
+        let (tx, _) = watch::channel(State {
+            identity: Arc::new(identity),
+            down: false,
+        });
         let mut api = FakeWorkloadApi {
             socket_path: socket_path.to_path_buf(),
             tx,
@@ -239,17 +297,49 @@ impl FakeWorkloadApi {
 
     /// Pushes new material to every open stream (rotation).
     pub fn update(&self, identity: WorkloadIdentity) {
-        self.tx.send_replace(Arc::new(identity));
+        // Kept while down too, so coming back up serves the newest material.
+        self.tx
+            .send_modify(|state| state.identity = Arc::new(identity));
     }
 
-    /// Stops serving (an agent outage): open streams end, new calls fail to connect.
+    /// The material currently served.
+    pub fn identity(&self) -> Arc<WorkloadIdentity> {
+        self.tx.borrow().identity.clone()
+    }
+
+    /// Simulates an agent outage without closing the socket: while `down`, every open
+    /// stream ends with `Unavailable` and new calls get `Unavailable`; clients such as
+    /// `X509Source` keep their last material and retry with backoff.
+    pub fn set_unavailable(&self, down: bool) {
+        self.tx.send_if_modified(|state| {
+            let changed = state.down != down;
+            state.down = down;
+            changed
+        });
+    }
+
+    /// Stops serving (an agent outage): open streams end, the socket goes away and new
+    /// calls fail to connect. `restart` serves again.
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
+            // Watch-fed streams never end on their own, so a graceful shutdown would wait
+            // forever: end them with `Unavailable` first, then restore the flag silently.
+            let was_down = self.tx.borrow().down;
+            self.set_unavailable(true);
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+            self.tx.send_if_modified(|state| {
+                state.down = was_down;
+                false
+            });
         }
         let _ = std::fs::remove_file(&self.socket_path);
     }
