@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use spiffe::{TrustDomain, X509Source, X509Svid};
 use test_harness::ca::{SvidOptions, TestCa};
+use test_harness::upstream::{CannedResponse, HttpEcho, TcpCounter, TlsEcho};
 use test_harness::workload_api::pb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use test_harness::workload_api::pb::X509svidRequest;
 use test_harness::workload_api::{FakeWorkloadApi, IdentityFixture, WorkloadIdentity};
@@ -310,4 +311,185 @@ async fn stop_and_restart_on_the_same_socket() {
     assert!(source.svid().is_ok());
     source.shutdown().await;
     api.shutdown().await;
+}
+
+// === upstreams ===
+
+async fn http_get<S>(io: S, uri: &str, host: &str) -> (u16, serde_json::Value)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(uri)
+        .header("host", host)
+        .header("x-test", "1")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn http_echo_echoes_records_and_keeps_connections_alive() {
+    use http_body_util::BodyExt;
+    let echo = HttpEcho::start().await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(echo.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for i in 0..2 {
+        let req = hyper::Request::post(format!("/v1/things?i={i}"))
+            .header("host", "example.com")
+            .header("x-agent", "research")
+            .body(http_body_util::Full::new(bytes::Bytes::from("hello")))
+            .unwrap();
+        send.ready().await.unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["path"], "/v1/things");
+        assert_eq!(json["query"], format!("i={i}"));
+        assert_eq!(json["headers"]["x-agent"], "research");
+        assert_eq!(json["body"], "hello");
+    }
+    let reqs = echo.requests();
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].uri, "/v1/things?i=1");
+    assert_eq!(reqs[0].header("X-Agent"), Some("research"));
+    assert_eq!(reqs[0].body, b"hello");
+    assert_eq!(
+        echo.connection_count(),
+        1,
+        "keep-alive reuses the connection"
+    );
+
+    // Dropping the handle closes the keep-alive connection too.
+    drop(echo);
+    let req = hyper::Request::get("/after-drop")
+        .header("host", "example.com")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let after = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await;
+    assert!(
+        matches!(after, Ok(Err(_))),
+        "the keep-alive connection should be closed"
+    );
+}
+
+#[tokio::test]
+async fn http_echo_custom_responder() {
+    let echo = HttpEcho::start_with(|req| {
+        (req.method == "POST")
+            .then(|| CannedResponse::json(200, &serde_json::json!({"usage": {"total_tokens": 42}})))
+    })
+    .await
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(echo.addr).await.unwrap();
+    let (status, json) = http_get(tcp, "/echo", "x").await;
+    assert_eq!(status, 200);
+    assert_eq!(json["path"], "/echo");
+    let tcp = tokio::net::TcpStream::connect(echo.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            hyper::Request::post("/v1/chat/completions")
+                .header("host", "x")
+                .body(http_body_util::Full::new(bytes::Bytes::from("{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    use http_body_util::BodyExt;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["usage"]["total_tokens"],
+        42
+    );
+    assert_eq!(echo.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn tls_echo_reports_sni() {
+    let ca = TestCa::new("upstream.test");
+    let echo = TlsEcho::start(ca.mint_server_cert(&["localhost", "127.0.0.1"]))
+        .await
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.root_cert()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+
+    for name in ["localhost", "127.0.0.1"] {
+        let tcp = tokio::net::TcpStream::connect(echo.addr).await.unwrap();
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let tls = connector.connect(server_name, tcp).await.unwrap();
+        let (status, json) = http_get(tls, "/tls?x=1", name).await;
+        assert_eq!(status, 200);
+        assert_eq!(json["path"], "/tls");
+        if name == "localhost" {
+            assert_eq!(json["sni"], "localhost");
+        } else {
+            // rustls sends no SNI for an IP address.
+            assert!(json["sni"].is_null());
+        }
+    }
+    assert_eq!(echo.snis_seen(), vec![Some("localhost".to_string()), None]);
+    assert_eq!(echo.requests().len(), 2);
+
+    // A client trusting another CA fails, and the upstream records no SNI for it.
+    let mut other = rustls::RootCertStore::empty();
+    other.add(TestCa::new("upstream.test").root_cert()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(other)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(echo.addr).await.unwrap();
+    let res = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await;
+    assert!(res.is_err());
+    assert_eq!(echo.snis_seen().len(), 2);
+    assert_eq!(echo.connection_count(), 3);
+}
+
+#[tokio::test]
+async fn tcp_counter_counts() {
+    let counter = TcpCounter::start().await.unwrap();
+    assert_eq!(counter.connections(), 0);
+    for _ in 0..3 {
+        let _ = tokio::net::TcpStream::connect(counter.addr).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while counter.connections() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let addr = counter.addr;
+    drop(counter);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
