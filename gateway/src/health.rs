@@ -11,9 +11,19 @@ pub struct Health {
     identity: OnceLock<IdentitySource>,
     policy: OnceLock<PolicyStore>,
     draining: AtomicBool,
+    /// The sidecar has no policy; its readiness is the SVID alone.
+    policy_optional: bool,
 }
 
 impl Health {
+    /// Readiness without a policy: for `egress-gateway sidecar`.
+    pub fn without_policy() -> Self {
+        Health {
+            policy_optional: true,
+            ..Health::default()
+        }
+    }
+
     pub fn set_identity(&self, identity: IdentitySource) {
         let _ = self.identity.set(identity);
     }
@@ -31,7 +41,7 @@ impl Health {
         if self.draining.load(Ordering::Relaxed) {
             return Some("shutting down".into());
         }
-        if self.policy.get().is_none() {
+        if !self.policy_optional && self.policy.get().is_none() {
             return Some("no policy loaded".into());
         }
         let Some(identity) = self.identity.get() else {

@@ -16,4 +16,5 @@ pub mod listener;
 pub mod policy_store;
 pub mod proxy;
 pub mod server;
+pub mod sidecar;
 pub mod telemetry;

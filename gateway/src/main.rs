@@ -25,6 +25,8 @@ enum Command {
     /// Work with policy files: check, test, explain, schema.
     #[command(subcommand)]
     Policy(cli::policy::PolicyCommand),
+    /// Plain-HTTP proxy beside an agent, forwarding over mTLS to the gateway.
+    Sidecar(cli::sidecar::SidecarArgs),
     /// Print the version.
     Version,
 }
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     match args.command {
         Command::Run(args) => cli::run::run(args),
         Command::Policy(cmd) => cli::policy::run(cmd),
+        Command::Sidecar(args) => cli::sidecar::run(args),
         Command::Version => {
             println!("egress-gateway {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -5,5 +5,7 @@
 pub mod agent;
 pub mod ca;
 pub mod gateway;
+pub mod sidecar;
+pub mod test_resolver;
 pub mod upstream;
 pub mod workload_api;
