@@ -15,3 +15,15 @@ fi
 if [ -x scripts/install-spire.sh ]; then
   scripts/install-spire.sh
 fi
+
+# Interop tests drive stock Python HTTP clients (requests, httpx) through the sidecar.
+# They live in their own venv outside the repository; tests find it at this path.
+interop_venv="${EGRESS_INTEROP_VENV:-$HOME/.cache/egress-gateway/venv-interop}"
+if ! "$interop_venv/bin/python" -c 'import requests, httpx' >/dev/null 2>&1; then
+  echo "installing the Python interop clients (requests, httpx) into $interop_venv"
+  python3 -m venv "$interop_venv"
+  "$interop_venv/bin/pip" install -q --disable-pip-version-check requests httpx
+fi
+
+# The Go interop client is built by the test itself (standard library only).
+command -v go >/dev/null 2>&1 || echo "warning: go not found; the Go interop test will fail" >&2

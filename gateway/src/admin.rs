@@ -1,4 +1,4 @@
-//! The admin listener: `/healthz`, `/readyz` (and later `/metrics`). Never on the mTLS port.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Never on the mTLS port.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,8 +14,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::metrics::Metrics;
 
+/// Health endpoints only (`/metrics` answers with an empty exposition).
 pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
+    serve_with_metrics(listener, health, Arc::new(Metrics::new()), stop).await
+}
+
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -29,10 +40,12 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: Cancellatio
             },
         };
         let health = health.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let health = health.clone();
-                async move { Ok::<_, Infallible>(route(&req, &health)) }
+                let metrics = metrics.clone();
+                async move { Ok::<_, Infallible>(route(&req, &health, &metrics)) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -43,7 +56,7 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: Cancellatio
     }
 }
 
-fn route(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
@@ -56,6 +69,23 @@ fn route(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
                 format!("not ready: {why}\n"),
             ),
         },
+        "/metrics" => {
+            if let Some(expiry) = health.svid_expiry() {
+                let secs = expiry
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0);
+                metrics.svid_expiry.set(secs);
+            }
+            let mut r = text(StatusCode::OK, metrics.encode());
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }

@@ -36,6 +36,11 @@ impl Health {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// When the current SVID expires, once there is one.
+    pub fn svid_expiry(&self) -> Option<std::time::SystemTime> {
+        self.identity.get()?.current().map(|m| m.not_after)
+    }
+
     /// `None` when ready; otherwise why not, in words an operator can act on.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.draining.load(Ordering::Relaxed) {

@@ -17,7 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{ResourceLimits, Timeouts};
-use crate::identity::peer_spiffe_id;
+use crate::identity::{peer_spiffe_id, SpiffeRejection};
+use crate::metrics::Metrics;
+use crate::proxy::registry::ConnectionHold;
 use crate::proxy::{PeerIdentity, Proxy};
 
 pub struct Listener {
@@ -28,6 +30,7 @@ pub struct Listener {
     limits: ResourceLimits,
     connections: Arc<Semaphore>,
     per_agent: Arc<DashMap<SpiffeId, usize>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Listener {
@@ -37,8 +40,10 @@ impl Listener {
         proxy: Arc<Proxy>,
         timeouts: Timeouts,
         limits: ResourceLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Listener {
+            metrics,
             tcp,
             acceptor: TlsAcceptor::from(tls),
             proxy,
@@ -74,22 +79,30 @@ impl Listener {
             let conn = this.clone();
             let stop = stop.clone();
             tracker.spawn(async move {
-                conn.serve(tcp, addr, stop).await;
-                drop(permit);
+                conn.serve(tcp, addr, stop, permit).await;
             });
         }
     }
 
-    async fn serve(&self, tcp: TcpStream, addr: SocketAddr, stop: CancellationToken) {
+    async fn serve(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        stop: CancellationToken,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let tls = match tokio::time::timeout(self.timeouts.handshake, self.acceptor.accept(tcp))
             .await
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::warn!(peer = %addr, reason = %e, "mTLS handshake refused");
+                let reason = handshake_failure_reason(&e);
+                self.metrics.record_handshake_failure(reason);
+                tracing::warn!(peer = %addr, reason, error = %e, "mTLS handshake refused");
                 return;
             }
             Err(_) => {
+                self.metrics.record_handshake_failure("timeout");
                 tracing::warn!(peer = %addr, timeout = ?self.timeouts.handshake, "mTLS handshake timed out");
                 return;
             }
@@ -112,7 +125,7 @@ impl Listener {
                 return;
             }
         };
-        let Some(_agent_slot) = AgentSlot::take(
+        let Some(agent_slot) = AgentSlot::take(
             &self.per_agent,
             &spiffe_id,
             self.limits.max_connections_per_agent,
@@ -125,9 +138,16 @@ impl Listener {
             address: addr,
         });
         tracing::debug!(peer = %addr, spiffe_id = %peer.spiffe_id, "mTLS connection accepted");
+        let _active = GaugeGuard::new(&self.metrics.active_connections);
 
+        // Both slots are released when the connection and every tunnel it opened are done.
+        let hold = ConnectionHold(Arc::new((permit, agent_slot)));
+        let registered = self.proxy.registry().register_connection(&peer.spiffe_id);
         let proxy = self.proxy.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, peer.clone()));
+        let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(hold.clone());
+            proxy.clone().handle(req, peer.clone())
+        });
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -149,7 +169,56 @@ impl Listener {
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
+            why = registered.closed() => {
+                tracing::warn!(peer = %addr, reason = %why, "closing connection after policy reload");
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
         }
+    }
+}
+
+/// A bounded name for why a handshake failed, for the metric label.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_client_certificate",
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired",
+        Error::InvalidCertificate(CertificateError::NotValidYet)
+        | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => "not_yet_valid",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        Error::InvalidCertificate(CertificateError::BadSignature) => "bad_signature",
+        Error::InvalidCertificate(CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<SpiffeRejection>() {
+                Some(SpiffeRejection::PeerId(_)) => "no_spiffe_id",
+                Some(SpiffeRejection::TrustDomainNotAccepted(_)) => "trust_domain_not_accepted",
+                Some(SpiffeRejection::NoBundle(_)) => "no_trust_bundle",
+                Some(_) => "spiffe_rejected",
+                None => "bad_certificate",
+            }
+        }
+        Error::InvalidCertificate(_) => "bad_certificate",
+        _ => "protocol_error",
+    }
+}
+
+/// Increments a gauge for as long as it lives.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl GaugeGuard {
+    fn new(g: &prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        GaugeGuard(g.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -98,7 +98,11 @@ impl Metrics {
             bytes.clone(),
         );
         let active_tunnels = Gauge::default();
-        registry.register("active_tunnels", "Open CONNECT tunnels", active_tunnels.clone());
+        registry.register(
+            "active_tunnels",
+            "Open CONNECT tunnels",
+            active_tunnels.clone(),
+        );
         let active_connections = Gauge::default();
         registry.register(
             "active_connections",

@@ -14,7 +14,8 @@ use crate::health::Health;
 use crate::identity::{server_config, IdentityError, IdentitySource, TlsError};
 use crate::listener::Listener;
 use crate::policy_store::PolicyStore;
-use crate::proxy::{Dialer, Proxy, Resolve, SystemResolver};
+use crate::proxy::{Dialer, Proxy, Resolve};
+use crate::telemetry::{Telemetry, TelemetryError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -32,6 +33,8 @@ pub enum StartError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Things tests replace: the resolver (private and rebinding answers).
@@ -42,7 +45,8 @@ pub struct Dependencies {
 impl Default for Dependencies {
     fn default() -> Self {
         Dependencies {
-            resolver: Arc::new(SystemResolver),
+            // Per name-server query; the dialer bounds the whole lookup by the connect timeout.
+            resolver: crate::proxy::dial::default_resolver(std::time::Duration::from_secs(5)),
         }
     }
 }
@@ -60,6 +64,7 @@ pub struct RunningGateway {
     audit_writer: AuditWriter,
     identity: IdentitySource,
     policy: PolicyStore,
+    telemetry: Arc<Telemetry>,
 }
 
 pub async fn start(config: GatewayConfig) -> Result<RunningGateway, StartError> {
@@ -73,6 +78,10 @@ pub async fn start_with(
     let policy = PolicyStore::load(&config.policy)?;
     tracing::info!(path = %config.policy.display(), "policy loaded");
     let (audit, audit_writer) = AuditLog::open(&config.telemetry.audit_log).await?;
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        tracing::info!(%endpoint, protocol = ?config.telemetry.otlp_protocol, "exporting traces with OTLP");
+    }
 
     let health = Arc::new(Health::default());
     health.set_policy(policy.clone());
@@ -83,12 +92,13 @@ pub async fn start_with(
         source,
     })?;
     let stop_admin = CancellationToken::new();
-    tokio::spawn(crate::admin::serve(
+    tokio::spawn(crate::admin::serve_with_metrics(
         admin,
         health.clone(),
+        telemetry.metrics.clone(),
         stop_admin.clone(),
     ));
-    tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz)");
+    tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz, /metrics)");
 
     let identity = match IdentitySource::connect(
         &config.workload_api,
@@ -115,19 +125,41 @@ pub async fn start_with(
     let proxy = Arc::new(Proxy::new(
         policy.clone(),
         audit.clone(),
+        telemetry.clone(),
         dialer,
         config.timeouts.idle,
-    ));
+    )
+    .with_client_hello_timeout(config.timeouts.handshake));
     let listener = Listener::new(
         tcp,
         tls,
         proxy.clone(),
         config.timeouts.clone(),
         config.resource_limits.clone(),
+        telemetry.metrics.clone(),
     );
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::spawn(listener.run(stop.clone(), connections.clone()));
+    crate::policy_watch::recheck_on_swap(policy.clone(), proxy.registry().clone(), stop.clone());
+    let watched = {
+        let (policy, metrics) = (policy.clone(), telemetry.metrics.clone());
+        move || match policy.reload_if_changed() {
+            None => {}
+            Some(Ok(_)) => {
+                metrics.record_policy_reload(true);
+                tracing::info!(path = %policy.path().display(), "policy reloaded (file changed)");
+            }
+            Some(Err(e)) => {
+                metrics.record_policy_reload(false);
+                tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
+            }
+        }
+    };
+    if let Err(e) = crate::policy_watch::watch_file(policy.path(), watched, stop.clone()) {
+        // SIGHUP still reloads; a missing watcher is not a reason to refuse to serve.
+        tracing::warn!(error = %e, "policy file changes will not be picked up automatically");
+    }
     tracing::info!(%proxy_addr, spiffe_id = ?identity.current().map(|m| m.spiffe_id.to_string()), "egress gateway listening (mTLS)");
 
     Ok(RunningGateway {
@@ -143,6 +175,7 @@ pub async fn start_with(
         audit_writer,
         identity,
         policy,
+        telemetry,
     })
 }
 
@@ -169,6 +202,26 @@ impl RunningGateway {
         &self.policy
     }
 
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// Re-reads the policy file; on success it is in force for the next decision.
+    pub fn reload_policy(&self) -> Result<(), egress_policy::PolicyError> {
+        match self.policy.reload() {
+            Ok(_) => {
+                self.telemetry.metrics.record_policy_reload(true);
+                tracing::info!(path = %self.policy.path().display(), "policy reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.telemetry.metrics.record_policy_reload(false);
+                tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
+                Err(e)
+            }
+        }
+    }
+
     /// Stops accepting, lets in-flight requests and tunnels finish until the grace period
     /// ends, closes what is left, and flushes the audit log.
     pub async fn shutdown(self) {
@@ -192,6 +245,7 @@ impl RunningGateway {
             .await;
         }
         self.audit.flush().await;
+        self.telemetry.shutdown().await;
         self.stop_admin.cancel();
         self.identity.shutdown().await;
         drop(self.proxy);

@@ -21,6 +21,7 @@ mod policy;
 mod request;
 pub mod schema;
 mod spiffe_id;
+pub mod suggest;
 pub mod testing;
 
 pub use cel_env::CelCompileError;

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
@@ -71,9 +72,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         if let Some(expected) = &self.expected {
             let uris = uri_sans(end_entity);
             if uris.len() != 1 || &uris[0] != expected {
-                return Err(rustls::Error::General(format!(
-                    "gateway presented {uris:?}, expected {expected}"
-                )));
+                // An InvalidCertificate error, so callers see it as a rejected peer cert.
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Other(rustls::OtherError(Arc::new(
+                        std::io::Error::other(format!(
+                            "gateway presented URI SANs {uris:?}, expected {expected}"
+                        )),
+                    ))),
+                ));
             }
         }
         Ok(ServerCertVerified::assertion())
@@ -114,6 +120,80 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// Why an mTLS handshake with the gateway failed, so negative tests can tell a refusal
+/// by the gateway from a gateway the agent did not trust.
+#[derive(Debug)]
+pub enum AgentError {
+    /// TCP connect failed (nothing listening, ...).
+    Connect(std::io::Error),
+    /// The gateway sent a fatal TLS alert (e.g. our certificate was not acceptable).
+    Refused(rustls::AlertDescription),
+    /// The gateway closed the connection without an alert.
+    Closed,
+    /// The agent rejected the gateway's certificate (wrong CA, wrong SPIFFE ID, expired).
+    GatewayCertRejected(rustls::Error),
+    /// Any other TLS or I/O failure during the handshake.
+    Tls(std::io::Error),
+    /// No answer within the handshake timeout.
+    Timeout,
+}
+
+impl AgentError {
+    /// The gateway turned us away: an alert or a close without one.
+    pub fn is_refused_by_gateway(&self) -> bool {
+        matches!(self, AgentError::Refused(_) | AgentError::Closed)
+    }
+
+    /// Classifies an I/O error from tokio-rustls, which wraps `rustls::Error`.
+    fn from_io(e: std::io::Error) -> AgentError {
+        use std::io::ErrorKind;
+        if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            return match tls {
+                rustls::Error::AlertReceived(alert) => AgentError::Refused(*alert),
+                rustls::Error::InvalidCertificate(_) => {
+                    AgentError::GatewayCertRejected(tls.clone())
+                }
+                _ => AgentError::Tls(e),
+            };
+        }
+        match e.kind() {
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
+                AgentError::Closed
+            }
+            _ => AgentError::Tls(e),
+        }
+    }
+}
+
+impl std::fmt::Display for AgentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentError::Connect(e) => write!(f, "connecting to the gateway: {e}"),
+            AgentError::Refused(alert) => {
+                write!(f, "the gateway refused the mTLS handshake: alert {alert:?}")
+            }
+            AgentError::Closed => write!(f, "the gateway closed the connection during mTLS"),
+            AgentError::GatewayCertRejected(e) => {
+                write!(f, "the gateway's certificate was rejected: {e}")
+            }
+            AgentError::Tls(e) => write!(f, "mTLS handshake with the gateway failed: {e}"),
+            AgentError::Timeout => write!(f, "mTLS handshake with the gateway timed out"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            AgentError::Connect(e) | AgentError::Tls(e) => Some(e),
+            AgentError::GatewayCertRejected(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The gateway's answer to CONNECT; on 2xx, `stream` is the open tunnel.
 pub struct TunnelResult {
     pub status: u16,
@@ -153,24 +233,27 @@ pub struct AgentClient {
     roots: Vec<CertificateDer<'static>>,
     gateway: SocketAddr,
     expected_gateway: Option<String>,
+    server_name: ServerName<'static>,
     config: Arc<ClientConfig>,
 }
 
 impl AgentClient {
+    /// `gateway_roots` are the CAs the gateway's certificate must chain to (for a SPIRE
+    /// gateway, the trust bundle). Only the chain is checked until `expect_gateway_id`.
     pub fn new(
         svid: &Svid,
         gateway_roots: &[CertificateDer<'static>],
         gateway_addr: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let mut client = AgentClient {
+        Ok(AgentClient {
             svid: svid.clone(),
             roots: gateway_roots.to_vec(),
             gateway: gateway_addr,
             expected_gateway: None,
+            // Only sent as SNI: the verifier checks no DNS name (SVIDs need not carry one).
+            server_name: ServerName::try_from("egress-gateway")?,
             config: Arc::new(Self::build(svid, gateway_roots, None)?),
-        };
-        client.config = Arc::new(Self::build(&client.svid, &client.roots, None)?);
-        Ok(client)
+        })
     }
 
     fn build(
@@ -194,34 +277,65 @@ impl AgentClient {
             .with_custom_certificate_verifier(verifier)
             .with_client_auth_cert(svid.cert_chain.clone(), svid.clone_key())?;
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Every connection does a full handshake, so each one exercises the gateway's
+        // client-certificate checks (and sees rotated gateway certs).
         cfg.resumption = rustls::client::Resumption::disabled();
         Ok(cfg)
     }
 
-    /// Requires the gateway to present exactly this SPIFFE ID.
+    /// Requires the gateway to present exactly this SPIFFE ID (one URI SAN).
     pub fn expect_gateway_id(mut self, spiffe_id: &str) -> Self {
         self.expected_gateway = Some(spiffe_id.to_string());
+        // `build` succeeded in `new` with the same inputs, so it cannot fail here.
         if let Ok(cfg) = Self::build(&self.svid, &self.roots, self.expected_gateway.clone()) {
             self.config = Arc::new(cfg);
         }
         self
     }
 
+    /// The SNI sent to the gateway (default `egress-gateway`); an IP address sends none.
+    pub fn with_server_name(mut self, name: &str) -> anyhow::Result<Self> {
+        self.server_name = ServerName::try_from(name.to_string())?;
+        Ok(self)
+    }
+
     pub fn gateway_addr(&self) -> SocketAddr {
         self.gateway
     }
 
-    /// The mTLS handshake alone.
-    pub async fn handshake(&self) -> anyhow::Result<GatewayStream> {
-        let tcp = TcpStream::connect(self.gateway)
+    /// The mTLS handshake alone. Under TLS 1.3 the server checks our certificate after
+    /// our side has finished, so a refused client may still get `Ok` here and see the
+    /// refusal on its first read; `handshake_confirmed` waits for it.
+    pub async fn handshake(&self) -> Result<GatewayStream, AgentError> {
+        let attempt = async {
+            let tcp = TcpStream::connect(self.gateway)
+                .await
+                .map_err(AgentError::Connect)?;
+            let _ = tcp.set_nodelay(true);
+            TlsConnector::from(self.config.clone())
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(AgentError::from_io)
+        };
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
             .await
-            .context("connecting to the gateway")?;
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from("egress-gateway")?;
-        TlsConnector::from(self.config.clone())
-            .connect(name, tcp)
-            .await
-            .context("mTLS handshake with the gateway")
+            .unwrap_or(Err(AgentError::Timeout))
+    }
+
+    /// The handshake, then up to `wait` for the gateway to object to our certificate
+    /// (a TLS 1.3 server does so after the handshake). `Ok` means no alert and no close
+    /// within `wait`; nothing is consumed from the stream.
+    pub async fn handshake_confirmed(&self, wait: Duration) -> Result<GatewayStream, AgentError> {
+        let mut s = self.handshake().await?;
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(wait, s.read(&mut byte)).await {
+            Err(_) => Ok(s),
+            Ok(Ok(0)) => Err(AgentError::Closed),
+            Ok(Ok(_)) => Err(AgentError::Tls(std::io::Error::other(
+                "the gateway sent data before any request",
+            ))),
+            Ok(Err(e)) => Err(AgentError::from_io(e)),
+        }
     }
 
     /// Sends `CONNECT authority` and reads the gateway's answer.
@@ -231,6 +345,7 @@ impl AgentClient {
         headers: &[(&str, &str)],
     ) -> anyhow::Result<TunnelResult> {
         let mut s = self.handshake().await?;
+        // Host as HTTP proxy clients (curl) send it for CONNECT.
         let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
@@ -249,10 +364,25 @@ impl AgentClient {
         let len = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.parse::<usize>().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).await?;
+            .and_then(|(_, v)| v.parse::<usize>().ok());
+        let mut body = Vec::new();
+        match len {
+            Some(len) => {
+                body.resize(len, 0);
+                s.read_exact(&mut body)
+                    .await
+                    .context("reading the CONNECT response body")?;
+            }
+            // No length: the body runs to the close (bounded, in case the gateway
+            // keeps the connection open).
+            None => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    (&mut s).take(1 << 20).read_to_end(&mut body),
+                )
+                .await;
+            }
+        }
         Ok(TunnelResult {
             status,
             headers,
@@ -290,11 +420,15 @@ impl AgentClient {
     /// One keep-alive mTLS connection for many requests.
     pub async fn session(&self) -> anyhow::Result<AgentSession> {
         let s = self.handshake().await?;
+        // hyper's client connection writes the URI as given, so absolute-form stays so.
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await?;
         let task = tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(AgentSession { send, _task: task })
+        Ok(AgentSession {
+            send,
+            _task: AbortOnDrop(task),
+        })
     }
 
     /// One request on a fresh connection; `url` is absolute (`http://host:port/path`).
@@ -312,12 +446,28 @@ impl AgentClient {
     }
 }
 
+/// One keep-alive mTLS connection to the gateway. The connection task ends with it.
 pub struct AgentSession {
     send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    _task: tokio::task::JoinHandle<()>,
+    _task: AbortOnDrop,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl AgentSession {
+    /// The gateway (or the network) closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.send.is_closed()
+    }
+
+    /// Sends `method url` with `url` as the request target on the wire (absolute form,
+    /// `GET http://host:port/path HTTP/1.1`, as a proxy expects) and a Host header from
+    /// the URL unless `headers` has one.
     pub async fn request(
         &mut self,
         method: &str,

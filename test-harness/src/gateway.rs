@@ -41,6 +41,8 @@ pub struct GatewayOptions {
     /// Extra top-level YAML appended to gateway.yaml (e.g. `timeouts: {...}`).
     pub extra_config: String,
     pub resolver: Option<Arc<dyn Resolve>>,
+    /// `telemetry.otlp_endpoint` (e.g. an `OtlpReceiver`'s endpoint).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl TestGateway {
@@ -60,9 +62,13 @@ impl TestGateway {
         let config_path = dir.path().join("gateway.yaml");
         let has_timeouts = opts.extra_config.contains("timeouts:");
         let config = format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\npolicy: {}\ntelemetry:\n  audit_log: {}\n{}shutdown_grace: 5s\n{}\n",
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\npolicy: {}\ntelemetry:\n  audit_log: {}\n{}{}shutdown_grace: 5s\n{}\n",
             policy_path.display(),
             audit_path.display(),
+            opts.otlp_endpoint
+                .as_ref()
+                .map(|e| format!("  otlp_endpoint: {e}\n"))
+                .unwrap_or_default(),
             if has_timeouts { "" } else { "timeouts: { handshake: 5s, request_header: 5s, connect: 5s, idle: 60s }\n" },
             opts.extra_config,
         );
@@ -113,6 +119,13 @@ impl TestGateway {
         self.running()
     }
 
+    /// The Prometheus exposition from the admin listener's `/metrics`.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        admin_get(self.admin_addr(), "/metrics")
+            .await
+            .map(|(_, body)| body)
+    }
+
     /// Every audit line written so far, parsed.
     pub fn audit_lines(&self) -> Vec<serde_json::Value> {
         read_audit(&self.audit_path)
@@ -131,11 +144,36 @@ impl TestGateway {
         }
     }
 
-    pub async fn shutdown(mut self) {
+    /// Graceful shutdown; returns the audit log as it stands afterwards (the files are
+    /// removed with the gateway's temporary directory).
+    pub async fn shutdown(mut self) -> Vec<serde_json::Value> {
         if let Some(g) = self.gateway.take() {
             g.shutdown().await;
         }
+        self.audit_lines()
     }
+}
+
+/// `GET path` on an admin listener: (status, body).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {

@@ -5,6 +5,8 @@
 pub mod agent;
 pub mod ca;
 pub mod gateway;
+pub mod otlp;
+pub mod resolver;
 pub mod sidecar;
 pub mod test_resolver;
 pub mod upstream;

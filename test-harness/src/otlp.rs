@@ -73,10 +73,12 @@ impl TraceService for Collector {
                 r.attributes
                     .iter()
                     .find(|kv| kv.key == "service.name")
-                    .and_then(|kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                        Some(Value::StringValue(s)) => Some(s.clone()),
-                        _ => None,
-                    })
+                    .and_then(
+                        |kv| match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                            Some(Value::StringValue(s)) => Some(s.clone()),
+                            _ => None,
+                        },
+                    )
             });
             for ss in rs.scope_spans {
                 for span in ss.spans {

@@ -511,3 +511,57 @@ async fn health_endpoints_report_ready() {
     assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
     w.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_open_tunnels_and_flushes_the_audit_log() {
+    let up = upstreams().await;
+    let w = world(&up).await;
+    let agent = w.agent(RESEARCH).unwrap();
+
+    let tunnel = agent
+        .connect_tunnel(&format!("localhost:{}", up.tls.addr.port()), &[])
+        .await
+        .unwrap();
+    assert_eq!(tunnel.status, 200);
+    let mut tls = agent
+        .tls_through_tunnel(
+            tunnel.stream.unwrap(),
+            "localhost",
+            &[up.tls_ca.root_cert()],
+        )
+        .await
+        .unwrap();
+
+    let World { gateway, api, .. } = w;
+    let shutdown = tokio::spawn(gateway.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown did not wait for the open tunnel"
+    );
+    // New connections are no longer accepted...
+    assert!(
+        agent
+            .request("GET", "http://localhost:1/", &[], Vec::new())
+            .await
+            .is_err(),
+        "a new connection was served during shutdown"
+    );
+    // ...but the open tunnel still carries traffic.
+    tls.write_all(b"GET /during-shutdown HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    assert!(String::from_utf8_lossy(&out).contains("during-shutdown"));
+    drop(tls);
+
+    let lines = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown finishes once the tunnel closes")
+        .unwrap();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["kind"], "connect");
+    assert!(lines[0]["bytes_received"].as_u64().unwrap() > 0);
+    api.shutdown().await;
+}

@@ -80,7 +80,10 @@ async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids
     let r = agent.request("POST", &url, &[], Vec::new()).await.unwrap();
     assert_eq!(r.status, 403);
     // Malformed request.
-    let r = agent.request("GET", "http://0x7f.1/", &[], Vec::new()).await.unwrap();
+    let r = agent
+        .request("GET", "http://0x7f.1/", &[], Vec::new())
+        .await
+        .unwrap();
     assert_eq!(r.status, 400);
 
     let lines = w.gateway.wait_for_audit(5).await;
@@ -89,7 +92,11 @@ async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids
     let spans = otlp.wait_for_spans(5).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spans_after = otlp.spans();
-    assert_eq!(spans_after.len(), 5, "exactly one span per request: {spans_after:#?}");
+    assert_eq!(
+        spans_after.len(),
+        5,
+        "exactly one span per request: {spans_after:#?}"
+    );
 
     for line in &lines {
         let trace_id = line["trace_id"].as_str().unwrap();
@@ -110,9 +117,15 @@ async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids
             span.str("egress.rule").unwrap_or_default(),
             line["rule"].as_str().unwrap_or_default()
         );
-        assert_eq!(span.int("http.response.status_code"), line["status"].as_i64());
+        assert_eq!(
+            span.int("http.response.status_code"),
+            line["status"].as_i64()
+        );
         assert_eq!(span.int("egress.bytes_sent"), line["bytes_sent"].as_i64());
-        assert_eq!(span.int("egress.bytes_received"), line["bytes_received"].as_i64());
+        assert_eq!(
+            span.int("egress.bytes_received"),
+            line["bytes_received"].as_i64()
+        );
         assert_eq!(span.str("http.request.method"), line["method"].as_str());
         assert_eq!(span.service_name.as_deref(), Some("egress-gateway"));
     }
@@ -158,14 +171,29 @@ async fn metrics_move_with_traffic_and_labels_stay_bounded() {
 
     let before = w.gateway.metrics().await.unwrap();
     assert_eq!(
-        metric_value(&before, "egress_requests_total", &[("pathway", "local-http")]),
+        metric_value(
+            &before,
+            "egress_requests_total",
+            &[("pathway", "local-http")]
+        ),
         None
     );
     for _ in 0..3 {
-        assert_eq!(agent.request("GET", &url, &[], Vec::new()).await.unwrap().status, 200);
+        assert_eq!(
+            agent
+                .request("GET", &url, &[], Vec::new())
+                .await
+                .unwrap()
+                .status,
+            200
+        );
     }
     assert_eq!(
-        agent.connect_tunnel("pastebin.com:443", &[]).await.unwrap().status,
+        agent
+            .connect_tunnel("pastebin.com:443", &[])
+            .await
+            .unwrap()
+            .status,
         403
     );
     // A tunnel held open shows in the gauge.
@@ -182,7 +210,10 @@ async fn metrics_move_with_traffic_and_labels_stay_bounded() {
         w.gateway.proxy_addr(),
     )
     .unwrap();
-    assert!(stranger.request("GET", &url, &[], Vec::new()).await.is_err());
+    assert!(stranger
+        .request("GET", &url, &[], Vec::new())
+        .await
+        .is_err());
     w.gateway.wait_for_audit(4).await;
 
     let m = w.gateway.metrics().await.unwrap();
@@ -192,7 +223,11 @@ async fn metrics_move_with_traffic_and_labels_stay_bounded() {
         ("agent", "research-agent"),
         ("pathway", "local-http"),
     ];
-    assert_eq!(metric_value(&m, "egress_requests_total", &allowed), Some(3.0), "{m}");
+    assert_eq!(
+        metric_value(&m, "egress_requests_total", &allowed),
+        Some(3.0),
+        "{m}"
+    );
     assert_eq!(
         metric_value(
             &m,
@@ -203,19 +238,37 @@ async fn metrics_move_with_traffic_and_labels_stay_bounded() {
         "{m}"
     );
     assert!(
-        metric_value(&m, "egress_transferred_bytes_total", &[("direction", "received"), ("pathway", "local-http")])
-            .unwrap()
+        metric_value(
+            &m,
+            "egress_transferred_bytes_total",
+            &[("direction", "received"), ("pathway", "local-http")]
+        )
+        .unwrap()
             > 0.0,
         "{m}"
     );
-    assert_eq!(metric_value(&m, "egress_active_tunnels", &[]), Some(1.0), "{m}");
     assert_eq!(
-        metric_value(&m, "egress_handshake_failures_total", &[("reason", "trust_domain_not_accepted")]),
+        metric_value(&m, "egress_active_tunnels", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "egress_handshake_failures_total",
+            &[("reason", "trust_domain_not_accepted")]
+        ),
         Some(1.0),
         "{m}"
     );
     assert!(
-        metric_value(&m, "egress_request_duration_seconds_count", &[("kind", "http")]).expect(&m) >= 3.0,
+        metric_value(
+            &m,
+            "egress_request_duration_seconds_count",
+            &[("kind", "http")]
+        )
+        .expect(&m)
+            >= 3.0,
         "{m}"
     );
     let expiry = metric_value(&m, "egress_svid_expiry_timestamp_seconds", &[]).unwrap();
@@ -225,8 +278,17 @@ async fn metrics_move_with_traffic_and_labels_stay_bounded() {
         .as_secs_f64();
     assert!(expiry > now, "SVID expiry {expiry} is not in the future");
     // Bounded labels: no SPIFFE IDs, hosts or addresses.
-    for forbidden in ["spiffe://", "pastebin", "localhost", "127.0.0.1", "evil.org"] {
-        assert!(!m.contains(forbidden), "/metrics mentions {forbidden}:\n{m}");
+    for forbidden in [
+        "spiffe://",
+        "pastebin",
+        "localhost",
+        "127.0.0.1",
+        "evil.org",
+    ] {
+        assert!(
+            !m.contains(forbidden),
+            "/metrics mentions {forbidden}:\n{m}"
+        );
     }
     drop(open);
     w.shutdown().await;
@@ -254,7 +316,10 @@ async fn a_dead_collector_does_not_affect_traffic() {
         if dropped >= 50.0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "dropped spans not counted:\n{m}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dropped spans not counted:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     w.shutdown().await;
@@ -281,8 +346,20 @@ async fn readyz_tells_the_truth_about_the_svid() {
         federated_bundles: vec![],
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while w.gateway.gateway().identity().current().unwrap().certified_key.cert[0] != short_cert {
-        assert!(tokio::time::Instant::now() < deadline, "rotation not picked up");
+    while w
+        .gateway
+        .gateway()
+        .identity()
+        .current()
+        .unwrap()
+        .certified_key
+        .cert[0]
+        != short_cert
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rotation not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -292,7 +369,10 @@ async fn readyz_tells_the_truth_about_the_svid() {
             assert!(body.contains("expired"), "{body}");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never became unready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never became unready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(admin_get(admin, "/healthz").await.unwrap().0, 200);
@@ -301,7 +381,10 @@ async fn readyz_tells_the_truth_about_the_svid() {
     w.api.update(gateway_identity(&w.ca));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while admin_get(admin, "/readyz").await.unwrap().0 != 200 {
-        assert!(tokio::time::Instant::now() < deadline, "never became ready again");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never became ready again"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     w.shutdown().await;

@@ -3,3 +3,4 @@
 pub mod policy;
 pub mod run;
 pub mod sidecar;
+pub mod suggest;

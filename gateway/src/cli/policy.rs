@@ -46,6 +46,8 @@ pub enum PolicyCommand {
         #[arg(long)]
         tests: bool,
     },
+    /// Propose pathways from observed audit logs, with a policy test file.
+    Suggest(super::suggest::SuggestArgs),
 }
 
 const INVALID_INPUT: u8 = 2;
@@ -77,6 +79,7 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        PolicyCommand::Suggest(args) => super::suggest::run(args),
     }
 }
 

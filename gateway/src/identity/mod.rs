@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 pub use material::{peer_spiffe_id, Material, MaterialError, PeerIdError};
 pub use tls::{client_config_for_peer, server_config, TlsError};
-pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier};
+pub use verifier::{SpiffeClientVerifier, SpiffeRejection, SpiffeServerVerifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -41,6 +41,66 @@ impl Resolve for SystemResolver {
     }
 }
 
+/// The default resolver: hickory-resolver with the system configuration
+/// (`/etc/resolv.conf`, `/etc/hosts`) and its own per-query timeout. Only DNS names
+/// that passed strict parsing reach it.
+#[derive(Clone)]
+pub struct HickoryResolver {
+    inner: hickory_resolver::TokioResolver,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set up the DNS resolver from the system configuration: {0}")]
+pub struct ResolverSetupError(String);
+
+impl HickoryResolver {
+    /// Reads the system configuration; `timeout` bounds each query to a name server.
+    pub fn from_system_conf(timeout: Duration) -> Result<Self, ResolverSetupError> {
+        let mut builder = hickory_resolver::TokioResolver::builder_tokio()
+            .map_err(|e| ResolverSetupError(e.to_string()))?;
+        let opts = builder.options_mut();
+        opts.timeout = timeout;
+        opts.attempts = 2;
+        // Both families: every answer is checked, and the passing ones tried in order.
+        opts.ip_strategy = hickory_resolver::config::LookupIpStrategy::Ipv4AndIpv6;
+        let inner = builder
+            .build()
+            .map_err(|e| ResolverSetupError(e.to_string()))?;
+        Ok(HickoryResolver { inner })
+    }
+}
+
+impl Resolve for HickoryResolver {
+    fn resolve<'a>(&'a self, name: &'a str) -> ResolveFuture<'a> {
+        Box::pin(async move {
+            let lookup = self
+                .inner
+                .lookup_ip(name)
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let mut ips: Vec<IpAddr> = Vec::new();
+            for ip in lookup.iter() {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            Ok(ips)
+        })
+    }
+}
+
+/// The resolver the gateway uses unless a test injects one: hickory with the system
+/// configuration, or getaddrinfo when that configuration cannot be read.
+pub fn default_resolver(timeout: Duration) -> Arc<dyn Resolve> {
+    match HickoryResolver::from_system_conf(timeout) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "falling back to the system resolver (getaddrinfo)");
+            Arc::new(SystemResolver)
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     #[error("cannot resolve {host}: {reason}")]

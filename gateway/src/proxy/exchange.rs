@@ -8,8 +8,11 @@ use std::time::Instant;
 
 use egress_policy::Decision;
 
+use http::HeaderMap;
+use opentelemetry::KeyValue;
+
 use crate::audit::{now_rfc3339, AuditLog, AuditRecord};
-use crate::telemetry::TraceContext;
+use crate::telemetry::{RequestSpan, Telemetry, TraceContext};
 
 use super::refusal::Refusal;
 use super::PeerIdentity;
@@ -17,18 +20,24 @@ use super::PeerIdentity;
 pub struct Exchange {
     started: Instant,
     audit: AuditLog,
+    telemetry: Arc<Telemetry>,
+    span: Option<RequestSpan>,
     pub trace: TraceContext,
     record: Option<AuditRecord>,
 }
 
 impl Exchange {
+    /// Starts the span (child of the agent's `traceparent`) and the audit record.
     pub fn begin(
         audit: AuditLog,
+        telemetry: &Arc<Telemetry>,
         peer: &PeerIdentity,
         kind: &'static str,
         method: &str,
-        trace: TraceContext,
+        headers: &HeaderMap,
     ) -> Self {
+        let span = telemetry.start_span(method, TraceContext::parent_from_headers(headers));
+        let trace = span.ctx;
         let record = AuditRecord {
             ts: now_rfc3339(),
             trace_id: trace.trace_id_hex(),
@@ -44,6 +53,8 @@ impl Exchange {
         Exchange {
             started: Instant::now(),
             audit,
+            telemetry: telemetry.clone(),
+            span: Some(span),
             trace,
             record: Some(record),
         }
@@ -110,9 +121,17 @@ impl Exchange {
         self.write();
     }
 
+    /// Ends the span, counts the metrics and writes the audit line: the three always
+    /// describe the same request.
     fn write(&mut self) {
         if let Some(mut record) = self.record.take() {
-            record.duration_ms = self.started.elapsed().as_millis() as u64;
+            let elapsed = self.started.elapsed();
+            record.duration_ms = elapsed.as_millis() as u64;
+            if let Some(mut span) = self.span.take() {
+                span.set(span_attributes(&record));
+                span.end(record.status, record.error.as_deref());
+            }
+            self.telemetry.metrics.record(&record, elapsed.as_secs_f64());
             self.audit.record(record);
         }
     }
@@ -131,6 +150,47 @@ impl Drop for Exchange {
             self.write();
         }
     }
+}
+
+/// OpenTelemetry HTTP semantic-convention attributes plus the gateway's own.
+fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("http.request.method", r.method.clone()),
+        KeyValue::new("server.address", r.host.clone()),
+        KeyValue::new("server.port", i64::from(r.port)),
+        KeyValue::new("client.address", r.source_address.clone()),
+        KeyValue::new("http.response.status_code", i64::from(r.status)),
+        KeyValue::new("spiffe.peer_id", r.source_spiffe_id.clone()),
+        KeyValue::new("egress.kind", r.kind),
+        KeyValue::new("egress.decision", r.decision),
+        KeyValue::new("egress.enforced", r.enforced),
+        KeyValue::new("egress.rule", r.rule.clone().unwrap_or_default()),
+        KeyValue::new("egress.pathway", r.pathway.clone().unwrap_or_default()),
+        KeyValue::new("egress.agent", r.agent.clone().unwrap_or_default()),
+        KeyValue::new("egress.reason", r.reason.clone()),
+        KeyValue::new("egress.bytes_sent", r.bytes_sent as i64),
+        KeyValue::new("egress.bytes_received", r.bytes_received as i64),
+    ];
+    if r.kind == "http" {
+        attrs.push(KeyValue::new(
+            "url.full",
+            format!("http://{}:{}{}", r.host, r.port, r.path),
+        ));
+        attrs.push(KeyValue::new("url.path", r.path.clone()));
+    }
+    if let Some(ip) = &r.resolved_ip {
+        attrs.push(KeyValue::new("network.peer.address", ip.clone()));
+    }
+    if let Some(model) = &r.llm_model {
+        attrs.push(KeyValue::new("gen_ai.request.model", model.clone()));
+    }
+    if let Some(limit) = &r.limit {
+        attrs.push(KeyValue::new("egress.limit", limit.clone()));
+    }
+    if let Some(e) = &r.error {
+        attrs.push(KeyValue::new("error.type", e.clone()));
+    }
+    attrs
 }
 
 /// Bytes moved through a request or tunnel, updated while it runs.

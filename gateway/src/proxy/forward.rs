@@ -26,7 +26,6 @@ use super::metered::{CountingBody, Direction};
 use super::refusal::Refusal;
 use super::target::parse_authority;
 use super::{denial, dial_refusal, refuse, PeerIdentity, Proxy, ProxyBody};
-use crate::telemetry::TraceContext;
 
 /// Upstream HTTP clients, one pool per set of `allow_cidrs` (the guard a connection was
 /// checked against is part of what makes it reusable).
@@ -66,10 +65,16 @@ impl Proxy {
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: &PeerIdentity,
-        trace: TraceContext,
     ) -> Response<ProxyBody> {
         let method = req.method().as_str().to_string();
-        let mut ex = Exchange::begin(self.audit.clone(), peer, "http", &method, trace);
+        let mut ex = Exchange::begin(
+            self.audit.clone(),
+            &self.telemetry,
+            peer,
+            "http",
+            &method,
+            req.headers(),
+        );
         let uri = req.uri().clone();
         match uri.scheme_str() {
             Some("http") => {}

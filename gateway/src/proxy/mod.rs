@@ -2,11 +2,13 @@
 //! (`CONNECT`) or forwarded (absolute-form `http://`).
 
 pub mod address_guard;
+pub mod client_hello;
 pub mod dial;
 mod exchange;
 mod forward;
 mod metered;
 mod refusal;
+pub mod registry;
 pub mod target;
 mod tunnel;
 
@@ -25,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::AuditLog;
 use crate::policy_store::PolicyStore;
-use crate::telemetry::TraceContext;
+use crate::telemetry::Telemetry;
 
 pub use dial::{DialError, Dialer, Resolve, SystemResolver};
 pub use exchange::ByteCounts;
@@ -46,17 +48,21 @@ pub struct PeerIdentity {
 pub struct Proxy {
     policy: PolicyStore,
     audit: AuditLog,
+    telemetry: Arc<Telemetry>,
     dialer: Dialer,
     forwarder: forward::Forwarder,
     tunnel_idle: Duration,
     tunnels: TaskTracker,
     stop_tunnels: CancellationToken,
+    registry: Arc<registry::Registry>,
+    client_hello_timeout: Duration,
 }
 
 impl Proxy {
     pub fn new(
         policy: PolicyStore,
         audit: AuditLog,
+        telemetry: Arc<Telemetry>,
         dialer: Dialer,
         tunnel_idle: Duration,
     ) -> Self {
@@ -64,11 +70,25 @@ impl Proxy {
             forwarder: forward::Forwarder::new(dialer.clone()),
             policy,
             audit,
+            telemetry,
             dialer,
             tunnel_idle,
             tunnels: TaskTracker::new(),
             stop_tunnels: CancellationToken::new(),
+            registry: Arc::default(),
+            client_hello_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// How long a tunnel that checks SNI waits for the agent's ClientHello.
+    pub fn with_client_hello_timeout(mut self, timeout: Duration) -> Self {
+        self.client_hello_timeout = timeout;
+        self
+    }
+
+    /// Open tunnels and connections, for re-checks on policy reload.
+    pub fn registry(&self) -> &Arc<registry::Registry> {
+        &self.registry
     }
 
     /// Tunnels outlive the HTTP connection that opened them; shutdown waits on these.
@@ -86,11 +106,10 @@ impl Proxy {
         req: Request<Incoming>,
         peer: Arc<PeerIdentity>,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let trace = TraceContext::from_headers(req.headers());
         if req.method() == Method::CONNECT {
-            Ok(self.connect(req, &peer, trace).await)
+            Ok(self.connect(req, &peer).await)
         } else {
-            Ok(self.forward(req, &peer, trace).await)
+            Ok(self.forward(req, &peer).await)
         }
     }
 
@@ -139,6 +158,18 @@ impl Proxy {
         }
         decision
     }
+}
+
+/// Header names and values as the policy sees them (lower-case names, UTF-8 values).
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 /// Sends the refusal to the agent and writes its audit line.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -14,18 +15,25 @@ use egress_policy::RequestKind;
 use super::exchange::{ByteCounts, Exchange};
 use super::metered::{Activity, MeteredIo};
 use super::refusal::{empty, Refusal};
-use super::target::parse_authority;
+use super::client_hello;
+use super::registry::{ConnectionHold, TunnelHandle};
+use super::target::{parse_authority, Host};
 use super::{denial, dial_refusal, refuse, PeerIdentity, Proxy, ProxyBody};
-use crate::telemetry::TraceContext;
 
 impl Proxy {
     pub(super) async fn connect(
         self: Arc<Self>,
         req: Request<Incoming>,
         peer: &PeerIdentity,
-        trace: TraceContext,
     ) -> Response<ProxyBody> {
-        let mut ex = Exchange::begin(self.audit.clone(), peer, "connect", "CONNECT", trace);
+        let mut ex = Exchange::begin(
+            self.audit.clone(),
+            &self.telemetry,
+            peer,
+            "connect",
+            "CONNECT",
+            req.headers(),
+        );
         let Some(authority) = req.uri().authority().map(|a| a.as_str().to_string()) else {
             return refuse(
                 ex,
@@ -67,15 +75,45 @@ impl Proxy {
         };
         ex.set_resolved(addr.ip());
 
+        // Kept for the re-check on policy reload; the connection slot (global and
+        // per-agent caps) stays taken while the tunnel is open.
+        let handle = self.registry.register_tunnel(
+            peer,
+            &target,
+            super::header_pairs(req.headers()),
+            addr.ip(),
+        );
+        let hold = req.extensions().get::<ConnectionHold>().cloned();
+        let sni_check = (target.port == 443
+            || decision.pathway.as_ref().is_some_and(|p| p.require_sni))
+        .then(|| (target.host.clone(), self.client_hello_timeout));
+
         let idle = self.tunnel_idle;
         let stop = self.stop_tunnels.clone();
+        let (ex_peer, ex_target) = (peer.spiffe_id.clone(), target.clone());
+        let active = self.telemetry.metrics.active_tunnels.clone();
         self.tunnels.spawn(async move {
+            active.inc();
             let counts = ByteCounts::new();
             let error = match hyper::upgrade::on(req).await {
-                Ok(upgraded) => relay(TokioIo::new(upgraded), upstream, &counts, idle, stop).await,
+                Ok(upgraded) => {
+                    let mut agent = TokioIo::new(upgraded);
+                    match check_client_hello(&mut agent, sni_check).await {
+                        Ok(prefix) => {
+                            let ends = Ends { idle, stop, handle: &handle };
+                            relay(agent, upstream, prefix, &counts, ends).await
+                        }
+                        Err(why) => {
+                            tracing::warn!(source = %ex_peer, destination = %ex_target, reason = %why, "tunnel closed: SNI check failed");
+                            Some(format!("closed: {why}"))
+                        }
+                    }
+                }
                 Err(e) => Some(format!("upgrade failed: {e}")),
             };
+            drop(hold);
             ex.finish(200, &counts, error);
+            active.dec();
         });
 
         let mut response = Response::new(empty());
@@ -84,20 +122,52 @@ impl Proxy {
     }
 }
 
-/// Copies both ways until either side closes, the tunnel idles out, or `stop` fires.
+/// What else ends a tunnel besides either side closing.
+struct Ends<'a> {
+    idle: Duration,
+    stop: CancellationToken,
+    handle: &'a TunnelHandle,
+}
+
+/// For tunnels that need it, reads the agent's ClientHello and checks its SNI against
+/// the CONNECT host. Returns the bytes read, to be relayed first.
+async fn check_client_hello<A>(
+    agent: &mut A,
+    check: Option<(Host, Duration)>,
+) -> Result<Vec<u8>, String>
+where
+    A: tokio::io::AsyncRead + Unpin,
+{
+    let Some((host, timeout)) = check else {
+        return Ok(Vec::new());
+    };
+    let (prefix, hello) = client_hello::read(agent, timeout).await;
+    let hello = hello.map_err(|e| e.to_string())?;
+    client_hello::check_sni(&host, hello.sni.as_deref())?;
+    Ok(prefix)
+}
+
+/// Copies both ways (after sending `prefix` upstream) until either side closes, the
+/// tunnel idles out, a policy reload denies it, or `stop` fires.
 /// Returns why it ended abnormally, if it did.
 async fn relay<A>(
     mut agent: A,
     upstream: TcpStream,
+    prefix: Vec<u8>,
     counts: &Arc<ByteCounts>,
-    idle: Duration,
-    stop: CancellationToken,
+    ends: Ends<'_>,
 ) -> Option<String>
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
+    let Ends { idle, stop, handle } = ends;
     let activity = Activity::new();
     let mut upstream = MeteredIo::new(upstream, counts.clone(), activity.clone());
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            return Some(format!("tunnel closed: {e}"));
+        }
+    }
     let copy = tokio::io::copy_bidirectional(&mut agent, &mut upstream);
     tokio::pin!(copy);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
@@ -109,6 +179,7 @@ where
                     return Some(format!("tunnel idle for {idle:?}"));
                 }
             }
+            why = handle.closed() => return Some(why),
             _ = stop.cancelled() => return Some("gateway shutting down".into()),
         }
     }

@@ -1,37 +1,49 @@
 //! W3C trace context: the agent's `traceparent` becomes the parent of the gateway's span.
 
 use http::HeaderMap;
+use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
-    pub parent_span_id: Option<[u8; 8]>,
     pub sampled: bool,
 }
 
 impl TraceContext {
-    /// A new span: child of the request's valid `traceparent`, or the root of a new trace.
-    pub fn from_headers(headers: &HeaderMap) -> Self {
-        let parent = headers
+    /// The agent's valid `traceparent`, as a remote parent.
+    pub fn parent_from_headers(headers: &HeaderMap) -> Option<Self> {
+        let (trace_id, span_id, sampled) = headers
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent);
-        let span_id = random_nonzero::<8>();
-        match parent {
-            Some((trace_id, parent_span, sampled)) => TraceContext {
-                trace_id,
-                span_id,
-                parent_span_id: Some(parent_span),
-                sampled,
-            },
-            None => TraceContext {
-                trace_id: random_nonzero::<16>(),
-                span_id,
-                parent_span_id: None,
-                sampled: true,
-            },
+            .and_then(parse_traceparent)?;
+        Some(TraceContext {
+            trace_id,
+            span_id,
+            sampled,
+        })
+    }
+
+    pub fn from_span_context(sc: &SpanContext) -> Self {
+        TraceContext {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            sampled: sc.is_sampled(),
         }
+    }
+
+    pub fn to_span_context(self) -> SpanContext {
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id),
+            SpanId::from_bytes(self.span_id),
+            if self.sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            },
+            true,
+            TraceState::default(),
+        )
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -50,15 +62,6 @@ impl TraceContext {
             self.span_id_hex(),
             if self.sampled { "01" } else { "00" }
         )
-    }
-}
-
-fn random_nonzero<const N: usize>() -> [u8; N] {
-    loop {
-        let id: [u8; N] = rand::random();
-        if id.iter().any(|b| *b != 0) {
-            return id;
-        }
     }
 }
 
@@ -106,7 +109,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn child_of_a_valid_traceparent() {
+    fn valid_traceparent_is_the_parent() {
         let mut h = HeaderMap::new();
         h.insert(
             "traceparent",
@@ -114,31 +117,29 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        let t = TraceContext::from_headers(&h);
+        let t = TraceContext::parent_from_headers(&h).unwrap();
         assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.span_id_hex(), "00f067aa0ba902b7");
+        assert!(t.sampled);
         assert_eq!(
-            t.parent_span_id,
-            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+            t.traceparent(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
-        assert_ne!(t.span_id_hex(), "00f067aa0ba902b7");
-        assert!(t
-            .traceparent()
-            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
     }
 
     #[test]
-    fn invalid_traceparent_starts_a_new_trace() {
+    fn invalid_traceparent_is_ignored() {
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "garbage",
         ] {
             let mut h = HeaderMap::new();
             h.insert("traceparent", bad.parse().unwrap());
-            let t = TraceContext::from_headers(&h);
-            assert_eq!(t.parent_span_id, None, "{bad}");
+            assert!(TraceContext::parent_from_headers(&h).is_none(), "{bad}");
         }
     }
 }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use test_harness::gateway::World;
+use test_harness::gateway::{GatewayOptions, World};
+use test_harness::otlp::OtlpReceiver;
 use test_harness::upstream::HttpEcho;
 
 struct Args {
@@ -145,7 +146,6 @@ agents:
         allow_cidrs: [127.0.0.0/8, "::1/128"]
 "#
     );
-    let world = Arc::new(World::start(&policy).await?);
     println!(
         "{} keep-alive connections, {} s each, small GET requests",
         a.connections, a.seconds
@@ -159,8 +159,55 @@ agents:
     direct.print("direct");
 
     let url = format!("http://localhost:{port}/bench");
+    let plain = Arc::new(World::start(&policy).await?);
+    let via = through_gateway(&plain, &url, a.connections, a.seconds).await;
+    via.print("gateway");
+
+    // The same, with every span exported to an OTLP collector.
+    let otlp = OtlpReceiver::start().await?;
+    let traced = Arc::new(
+        World::start_with(
+            &policy,
+            GatewayOptions {
+                otlp_endpoint: Some(otlp.endpoint()),
+                ..Default::default()
+            },
+        )
+        .await?,
+    );
+    let via_traced = through_gateway(&traced, &url, a.connections, a.seconds).await;
+    via_traced.print("+tracing");
+
+    println!(
+        "ratio gateway/direct: throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x",
+        via.rps() / direct.rps(),
+        via.pct(0.5).as_secs_f64() / direct.pct(0.5).as_secs_f64(),
+        via.pct(0.99).as_secs_f64() / direct.pct(0.99).as_secs_f64()
+    );
+    println!(
+        "ratio tracing on/off: throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x ({} spans received)",
+        via_traced.rps() / via.rps(),
+        via_traced.pct(0.5).as_secs_f64() / via.pct(0.5).as_secs_f64(),
+        via_traced.pct(0.99).as_secs_f64() / via.pct(0.99).as_secs_f64(),
+        otlp.spans().len()
+    );
+    for w in [plain, traced] {
+        if let Ok(w) = Arc::try_unwrap(w) {
+            w.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn through_gateway(
+    world: &Arc<World>,
+    url: &str,
+    connections: usize,
+    seconds: u64,
+) -> Report {
     let w = world.clone();
-    let via = run(a.connections, a.seconds, move |until| {
+    let url = url.to_string();
+    run(connections, seconds, move |until| {
         let agent = w
             .agent("spiffe://example.org/ns/ai-workloads/sa/bench-agent")
             .expect("agent client");
@@ -181,16 +228,5 @@ agents:
             (lat, errors)
         }
     })
-    .await;
-    via.print("gateway");
-    println!(
-        "ratio gateway/direct: throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x",
-        via.rps() / direct.rps(),
-        via.pct(0.5).as_secs_f64() / direct.pct(0.5).as_secs_f64(),
-        via.pct(0.99).as_secs_f64() / direct.pct(0.99).as_secs_f64()
-    );
-    if let Ok(w) = Arc::try_unwrap(world) {
-        w.shutdown().await;
-    }
-    Ok(())
+    .await
 }
