@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe::{TrustDomain, X509Source, X509Svid};
+use test_harness::agent::{AgentClient, AgentError};
 use test_harness::ca::{SvidOptions, TestCa};
 use test_harness::upstream::{CannedResponse, HttpEcho, TcpCounter, TlsEcho};
 use test_harness::workload_api::pb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
@@ -492,4 +493,296 @@ async fn tcp_counter_counts() {
     drop(counter);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+// === agent client ===
+
+/// A tiny mTLS "gateway": requires a client SVID chaining to `client_ca`, answers
+/// `CONNECT deny...` with 403 + JSON, opens other CONNECTs to `tunnel_to`, and answers
+/// any other request with JSON holding the raw request line and Host header.
+struct MiniGateway {
+    addr: std::net::SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MiniGateway {
+    fn drop(&mut self) {
+        self._task.abort();
+    }
+}
+
+async fn mini_gateway(
+    server: &test_harness::ca::Svid,
+    client_ca: &TestCa,
+    tunnel_to: Option<std::net::SocketAddr>,
+) -> MiniGateway {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(client_ca.root_cert()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(server.cert_chain.clone(), server.clone_key())
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = connections.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                serve_mini(tls, tunnel_to).await;
+            });
+        }
+    });
+    MiniGateway {
+        addr,
+        connections,
+        _task: task,
+    }
+}
+
+async fn serve_mini<S>(mut s: S, tunnel_to: Option<std::net::SocketAddr>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut b).await {
+                Ok(1) => head.push(b[0]),
+                _ => return,
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_string();
+        let line = text.lines().next().unwrap_or_default().to_string();
+        let header = |name: &str| {
+            text.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        if line.starts_with("CONNECT deny") {
+            let body = r#"{"error":"egress_denied"}"#;
+            let resp = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+            continue;
+        }
+        if line.starts_with("CONNECT ") {
+            let Some(to) = tunnel_to else { return };
+            let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
+                return;
+            };
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            let _ = tokio::io::copy_bidirectional(&mut s, &mut up).await;
+            return;
+        }
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if s.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let json = serde_json::json!({
+            "request_line": line,
+            "host": header("host"),
+            "body": String::from_utf8_lossy(&body),
+        })
+        .to_string();
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-mini: yes\r\ncontent-length: {}\r\n\r\n{json}",
+            json.len()
+        );
+        if s.write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_speaks_mtls_with_absolute_form_requests() {
+    let ca = TestCa::new("example.org");
+    let gw = mini_gateway(&ca.mint_svid(GATEWAY_ID), &ca, None).await;
+    let agent = AgentClient::new(&ca.mint_svid(AGENT_ID), &[ca.root_cert()], gw.addr)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+
+    let resp = agent
+        .request(
+            "POST",
+            "http://api.example.com:443/v1/chat?x=1",
+            &[("content-type", "application/json")],
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("X-Mini"), Some("yes"));
+    let json = resp.json().unwrap();
+    assert_eq!(
+        json["request_line"],
+        "POST http://api.example.com:443/v1/chat?x=1 HTTP/1.1"
+    );
+    assert_eq!(json["host"], "api.example.com:443");
+    assert_eq!(json["body"], "{}");
+
+    // A session reuses one connection for many requests.
+    let before = gw.connections.load(std::sync::atomic::Ordering::SeqCst);
+    let mut session = agent.session().await.unwrap();
+    for i in 0..3 {
+        let url = format!("http://127.0.0.1:8080/n/{i}");
+        let resp = session.request("GET", &url, &[], vec![]).await.unwrap();
+        assert_eq!(
+            resp.json().unwrap()["request_line"],
+            format!("GET {url} HTTP/1.1")
+        );
+    }
+    assert!(!session.is_closed());
+    assert_eq!(
+        gw.connections.load(std::sync::atomic::Ordering::SeqCst),
+        before + 1
+    );
+}
+
+#[tokio::test]
+async fn agent_tunnels_and_speaks_tls_through_the_tunnel() {
+    let ca = TestCa::new("example.org");
+    let site_ca = TestCa::new("site.test");
+    let site = TlsEcho::start(site_ca.mint_server_cert(&["localhost"]))
+        .await
+        .unwrap();
+    let gw = mini_gateway(&ca.mint_svid(GATEWAY_ID), &ca, Some(site.addr)).await;
+    let agent = AgentClient::new(&ca.mint_svid(AGENT_ID), &[ca.root_cert()], gw.addr).unwrap();
+
+    let denied = agent.connect_tunnel("deny.example:443", &[]).await.unwrap();
+    assert_eq!(denied.status, 403);
+    assert!(denied.stream.is_none());
+    let body: serde_json::Value = serde_json::from_slice(&denied.body).unwrap();
+    assert_eq!(body["error"], "egress_denied");
+
+    let tunnel = agent
+        .connect_tunnel("localhost:443", &[("proxy-authorization", "none")])
+        .await
+        .unwrap();
+    assert_eq!(tunnel.status, 200);
+    let tls = agent
+        .tls_through_tunnel(tunnel.stream.unwrap(), "localhost", &[site_ca.root_cert()])
+        .await
+        .unwrap();
+    let (status, json) = http_get(tls, "/inside", "localhost").await;
+    assert_eq!(status, 200);
+    assert_eq!(json["sni"], "localhost");
+    assert_eq!(json["path"], "/inside");
+    assert_eq!(site.snis_seen(), vec![Some("localhost".to_string())]);
+
+    // Wrong roots for the destination: the TLS inside the tunnel fails.
+    let tunnel = agent.connect_tunnel("localhost:443", &[]).await.unwrap();
+    assert!(agent
+        .tls_through_tunnel(tunnel.stream.unwrap(), "localhost", &[ca.root_cert()])
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn agent_rejects_a_gateway_from_a_foreign_ca_or_with_another_id() {
+    let ca = TestCa::new("example.org");
+    let gw = mini_gateway(&ca.mint_svid(GATEWAY_ID), &ca, None).await;
+    let svid = ca.mint_svid(AGENT_ID);
+
+    // Same trust domain name, different key.
+    let impostor = TestCa::new("example.org");
+    let err = AgentClient::new(&svid, &[impostor.root_cert()], gw.addr)
+        .unwrap()
+        .handshake()
+        .await
+        .expect_err("foreign CA must fail");
+    assert!(matches!(err, AgentError::GatewayCertRejected(_)), "{err}");
+    let other = TestCa::new("other.org");
+    let err = AgentClient::new(&svid, &[other.root_cert()], gw.addr)
+        .unwrap()
+        .handshake()
+        .await
+        .expect_err("foreign CA must fail");
+    assert!(matches!(err, AgentError::GatewayCertRejected(_)), "{err}");
+
+    let err = AgentClient::new(&svid, &[ca.root_cert()], gw.addr)
+        .unwrap()
+        .expect_gateway_id("spiffe://example.org/ns/other/sa/other")
+        .handshake()
+        .await
+        .expect_err("wrong gateway ID must fail");
+    assert!(matches!(err, AgentError::GatewayCertRejected(_)), "{err}");
+    assert!(err.to_string().contains(GATEWAY_ID), "{err}");
+
+    // Without an expected ID, any chain to the roots will do (no DNS name check).
+    AgentClient::new(&svid, &[ca.root_cert()], gw.addr)
+        .unwrap()
+        .handshake_confirmed(Duration::from_millis(200))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_gateway_refusing_the_agent_certificate_is_distinguishable() {
+    let ca = TestCa::new("example.org");
+    let gw = mini_gateway(&ca.mint_svid(GATEWAY_ID), &ca, None).await;
+    // The agent's SVID comes from a CA the gateway does not trust.
+    let foreign = TestCa::new("example.org");
+    let agent = AgentClient::new(&foreign.mint_svid(AGENT_ID), &[ca.root_cert()], gw.addr)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+    let err = agent
+        .handshake_confirmed(Duration::from_secs(2))
+        .await
+        .expect_err("the gateway must refuse a foreign SVID");
+    assert!(err.is_refused_by_gateway(), "{err:?}");
+    // An impostor CA with the same name fails on the signature, hence this alert.
+    assert!(
+        matches!(
+            err,
+            AgentError::Refused(rustls::AlertDescription::DecryptError)
+        ),
+        "{err:?}"
+    );
+    // Under TLS 1.3 the bare handshake completes before the server checks us.
+    assert!(agent.handshake().await.is_ok());
+    // And it shows up on the first request, too.
+    assert!(agent
+        .request("GET", "http://example.com:80/", &[], vec![])
+        .await
+        .is_err());
+    // Nothing listening: a connect error, not a refusal.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = AgentClient::new(&ca.mint_svid(AGENT_ID), &[ca.root_cert()], closed)
+        .unwrap()
+        .handshake()
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(err, AgentError::Connect(_)), "{err:?}");
 }
