@@ -64,10 +64,10 @@ async fn world(up: &Upstreams) -> World {
         .unwrap()
 }
 
-fn find<'a>(
-    lines: &'a [serde_json::Value],
+fn find(
+    lines: &[serde_json::Value],
     pred: impl Fn(&serde_json::Value) -> bool,
-) -> &'a serde_json::Value {
+) -> &serde_json::Value {
     lines
         .iter()
         .find(|l| pred(l))

@@ -173,7 +173,13 @@ where
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {
         tokio::select! {
-            result = &mut copy => return result.err().map(|e| format!("tunnel closed: {e}")),
+            result = &mut copy => return match result {
+                Ok(_) => None,
+                // An agent that drops its mTLS connection without close_notify has
+                // simply closed the tunnel.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                Err(e) => Some(format!("tunnel closed: {e}")),
+            },
             _ = tick.tick() => {
                 if activity.idle_for() >= idle {
                     return Some(format!("tunnel idle for {idle:?}"));
