@@ -19,7 +19,11 @@ fn main() -> std::process::ExitCode {
             .unwrap_or(1)
     });
     let crash_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fuzz-crashes");
-    let targets: Vec<&str> = if target == "all" { driver::TARGETS.to_vec() } else { vec![target] };
+    let targets: Vec<&str> = if target == "all" {
+        driver::TARGETS.to_vec()
+    } else {
+        vec![target]
+    };
     let mut crashed = false;
     for t in targets {
         println!("fuzzing {t} for {seconds}s (seed {seed})");

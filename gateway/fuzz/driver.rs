@@ -68,10 +68,18 @@ impl Rng {
     }
 }
 
-const INTERESTING: &[u8] = &[0, 1, 0x7f, 0x80, 0xff, b'.', b':', b'[', b']', b'0', b'x', b'%', b'@'];
+const INTERESTING: &[u8] = &[
+    0, 1, 0x7f, 0x80, 0xff, b'.', b':', b'[', b']', b'0', b'x', b'%', b'@',
+];
 
 /// One random edit (or a few) of `input`, using `dict` tokens and `pool` for splices.
-pub fn mutate(rng: &mut Rng, input: &[u8], dict: &[&[u8]], pool: &[Vec<u8>], max: usize) -> Vec<u8> {
+pub fn mutate(
+    rng: &mut Rng,
+    input: &[u8],
+    dict: &[&[u8]],
+    pool: &[Vec<u8>],
+    max: usize,
+) -> Vec<u8> {
     let mut out = input.to_vec();
     let edits = 1 + rng.below(4);
     for _ in 0..edits {
@@ -155,9 +163,38 @@ const HOST_SEEDS: &[&str] = &[
 ];
 
 const HOST_DICT: &[&[u8]] = &[
-    b"0x", b"0X", b"0", b"00", b".", b"..", b":", b"::", b"[", b"]", b"%", b"%25", b"@", b"xn--",
-    b"::ffff:", b"64:ff9b::", b"2002:", b"127", b"255", b"4294967295", b"4294967296", b"\xef\xbc\x8e",
-    b"\xef\xbc\x91", b"\xe3\x80\x82", b"-", b"_", b"*", b"\0", b" ", b"443", b"65535", b"65536",
+    b"0x",
+    b"0X",
+    b"0",
+    b"00",
+    b".",
+    b"..",
+    b":",
+    b"::",
+    b"[",
+    b"]",
+    b"%",
+    b"%25",
+    b"@",
+    b"xn--",
+    b"::ffff:",
+    b"64:ff9b::",
+    b"2002:",
+    b"127",
+    b"255",
+    b"4294967295",
+    b"4294967296",
+    b"\xef\xbc\x8e",
+    b"\xef\xbc\x91",
+    b"\xe3\x80\x82",
+    b"-",
+    b"_",
+    b"*",
+    b"\0",
+    b" ",
+    b"443",
+    b"65535",
+    b"65536",
 ];
 
 /// Everything glibc's `inet_aton` accepts: 1-4 parts, each decimal, octal (0...) or hex
@@ -198,7 +235,10 @@ fn host_oracle(input: &[u8]) -> bool {
     };
     // The CONNECT form and the URL form (as forward.rs reads it).
     let mut accepted = false;
-    for authority in [Some(text.to_string()), url_authority(text)].into_iter().flatten() {
+    for authority in [Some(text.to_string()), url_authority(text)]
+        .into_iter()
+        .flatten()
+    {
         let Ok(t) = parse_authority(&authority) else {
             continue;
         };
@@ -208,11 +248,21 @@ fn host_oracle(input: &[u8]) -> bool {
             Host::Name(n) => {
                 assert!(!n.is_empty() && n.len() <= 253, "{authority:?} -> {n:?}");
                 assert!(
-                    n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'),
+                    n.bytes().all(|b| b.is_ascii_lowercase()
+                        || b.is_ascii_digit()
+                        || b == b'-'
+                        || b == b'_'
+                        || b == b'.'),
                     "{authority:?} -> non-canonical name {n:?}"
                 );
-                assert!(!inet_aton_accepts(n), "{authority:?} -> {n:?} is an address to a C resolver");
-                assert!(n.parse::<IpAddr>().is_err(), "{authority:?} -> {n:?} is an IP literal");
+                assert!(
+                    !inet_aton_accepts(n),
+                    "{authority:?} -> {n:?} is an address to a C resolver"
+                );
+                assert!(
+                    n.parse::<IpAddr>().is_err(),
+                    "{authority:?} -> {n:?} is an IP literal"
+                );
                 assert!(!n.ends_with('.'), "{authority:?} -> trailing dot kept");
                 // Parsing is idempotent.
                 let again = parse_authority(&format!("{n}:{}", t.port)).map(|t| t.host);
@@ -224,7 +274,11 @@ fn host_oracle(input: &[u8]) -> bool {
                 assert_eq!(again, Ok(Host::Ip(*ip)), "{authority:?} round trip");
                 if let IpAddr::V4(v4) = ip {
                     let host = authority.rsplit_once(':').map(|(h, _)| h).unwrap_or("");
-                    assert_eq!(host.parse::<Ipv4Addr>().ok(), Some(*v4), "{authority:?} non-canonical IPv4 accepted");
+                    assert_eq!(
+                        host.parse::<Ipv4Addr>().ok(),
+                        Some(*v4),
+                        "{authority:?} non-canonical IPv4 accepted"
+                    );
                 }
             }
         }
@@ -261,7 +315,9 @@ fn build_hello(rng: &mut Rng) -> Vec<u8> {
                 let name: Vec<u8> = match rng.below(3) {
                     0 => b"example.com".to_vec(),
                     1 => b"api.openai.com".to_vec(),
-                    _ => (0..1 + rng.below(40)).map(|_| b"abc.-0123456789xyz"[rng.below(18)]).collect(),
+                    _ => (0..1 + rng.below(40))
+                        .map(|_| b"abc.-0123456789xyz"[rng.below(18)])
+                        .collect(),
                 };
                 let mut list = vec![0];
                 list.extend_from_slice(&(name.len() as u16).to_be_bytes());
@@ -274,7 +330,10 @@ fn build_hello(rng: &mut Rng) -> Vec<u8> {
             2 => (10, vec![0, 4, 0, 29, 0x11, 0xec]),
             _ => {
                 let n = rng.below(300);
-                (rng.next() as u16, (0..n).map(|_| rng.next() as u8).collect())
+                (
+                    rng.next() as u16,
+                    (0..n).map(|_| rng.next() as u8).collect(),
+                )
             }
         };
         exts.extend_from_slice(&ty.to_be_bytes());
@@ -291,7 +350,11 @@ fn build_hello(rng: &mut Rng) -> Vec<u8> {
 
 /// Splits handshake bytes into TLS records at random sizes.
 fn fragment(rng: &mut Rng, hs: &[u8]) -> Vec<u8> {
-    let per = if rng.chance(2) { hs.len().max(1) } else { 1 + rng.below(hs.len().max(1)) };
+    let per = if rng.chance(2) {
+        hs.len().max(1)
+    } else {
+        1 + rng.below(hs.len().max(1))
+    };
     let mut out = Vec::new();
     for part in hs.chunks(per) {
         out.extend_from_slice(&[0x16, 3, 1]);
@@ -325,7 +388,11 @@ fn client_hello_oracle(rng: &mut Rng, input: &[u8]) -> bool {
         for _ in 0..4 {
             let cut = rng.below(input.len());
             let p = client_hello::parse(&input[..cut]);
-            assert!(p == Ok(None) || p == full, "prefix of {cut}/{} bytes gave {p:?}", input.len());
+            assert!(
+                p == Ok(None) || p == full,
+                "prefix of {cut}/{} bytes gave {p:?}",
+                input.len()
+            );
         }
         // Re-splitting the records changes nothing.
         if let Some(hs) = unfragment(input) {
@@ -349,7 +416,10 @@ fn policy_seeds() -> Vec<Vec<u8>> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "yaml") && !p.to_string_lossy().ends_with(".tests.yaml"))
+                .filter(|p| {
+                    p.extension().is_some_and(|x| x == "yaml")
+                        && !p.to_string_lossy().ends_with(".tests.yaml")
+                })
                 .filter_map(|p| std::fs::read(p).ok())
                 .collect()
         })
@@ -359,10 +429,42 @@ fn policy_seeds() -> Vec<Vec<u8>> {
 }
 
 const POLICY_DICT: &[&[u8]] = &[
-    b"\n", b"  ", b"- ", b": ", b"*", b"**", b"&a ", b"*a", b"!!str ", b"'", b"\"", b"{", b"}", b"[", b"]",
-    b"when: ", b"request.host", b"==", b"&&", b"||", b"size(", b"matches(", b".*", b"allow_cidrs: ",
-    b"10.0.0.0/8", b"::/0", b"destinations: ", b":443", b"spiffe://example.org/", b"dry_run: true",
-    b"mode: audit", b"methods: [", b"models: [", b"limits: ", b"require_sni: true", b"upstream: ",
+    b"\n",
+    b"  ",
+    b"- ",
+    b": ",
+    b"*",
+    b"**",
+    b"&a ",
+    b"*a",
+    b"!!str ",
+    b"'",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"when: ",
+    b"request.host",
+    b"==",
+    b"&&",
+    b"||",
+    b"size(",
+    b"matches(",
+    b".*",
+    b"allow_cidrs: ",
+    b"10.0.0.0/8",
+    b"::/0",
+    b"destinations: ",
+    b":443",
+    b"spiffe://example.org/",
+    b"dry_run: true",
+    b"mode: audit",
+    b"methods: [",
+    b"models: [",
+    b"limits: ",
+    b"require_sni: true",
+    b"upstream: ",
 ];
 
 fn policy_oracle(input: &[u8]) -> bool {
@@ -373,13 +475,26 @@ fn policy_oracle(input: &[u8]) -> bool {
         return false;
     };
     // A policy that loads must evaluate without panicking.
-    let id: egress_policy::SpiffeId = match "spiffe://example.org/ns/ai-workloads/sa/research-agent".parse() {
-        Ok(id) => id,
-        Err(_) => return true,
-    };
+    let id: egress_policy::SpiffeId =
+        match "spiffe://example.org/ns/ai-workloads/sa/research-agent".parse() {
+            Ok(id) => id,
+            Err(_) => return true,
+        };
     for (kind, method, host, port, path) in [
-        (egress_policy::RequestKind::Connect, "CONNECT", "en.wikipedia.org", 443, ""),
-        (egress_policy::RequestKind::Http, "POST", "api.openai.com", 443, "/v1/chat/completions"),
+        (
+            egress_policy::RequestKind::Connect,
+            "CONNECT",
+            "en.wikipedia.org",
+            443,
+            "",
+        ),
+        (
+            egress_policy::RequestKind::Http,
+            "POST",
+            "api.openai.com",
+            443,
+            "/v1/chat/completions",
+        ),
         (egress_policy::RequestKind::Http, "GET", "10.0.0.1", 80, "/"),
     ] {
         let headers = vec![("content-type".to_string(), "application/json".to_string())];
@@ -406,8 +521,16 @@ fn policy_oracle(input: &[u8]) -> bool {
 pub fn run(target: &str, budget: Duration, seed: u64, crash_dir: &std::path::Path) -> Report {
     let mut rng = Rng::new(seed);
     let (mut pool, dict, max): (Vec<Vec<u8>>, &[&[u8]], usize) = match target {
-        "host" => (HOST_SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect(), HOST_DICT, 600),
-        "client_hello" => ((0..16).map(|_| build_hello(&mut rng)).collect(), &[], 20_000),
+        "host" => (
+            HOST_SEEDS.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            HOST_DICT,
+            600,
+        ),
+        "client_hello" => (
+            (0..16).map(|_| build_hello(&mut rng)).collect(),
+            &[],
+            20_000,
+        ),
         "policy" => (policy_seeds(), POLICY_DICT, 8_000),
         other => panic!("unknown fuzz target {other}; targets: {TARGETS:?}"),
     };
@@ -457,7 +580,10 @@ pub fn run(target: &str, budget: Duration, seed: u64, crash_dir: &std::path::Pat
                     let _ = std::fs::create_dir_all(crash_dir);
                     let path = crash_dir.join(format!("{target}-crash-{}.bin", report.crashes));
                     let _ = std::fs::write(&path, &input);
-                    eprintln!("CRASH in {target}: {msg} (input saved to {})", path.display());
+                    eprintln!(
+                        "CRASH in {target}: {msg} (input saved to {})",
+                        path.display()
+                    );
                     report.crash_files.push(path);
                 }
             }

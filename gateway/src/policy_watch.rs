@@ -44,9 +44,8 @@ where
             return;
         }
         let relevant = event.paths.iter().any(|p| {
-            p.file_name().is_some_and(|n| {
-                names_cb.contains(n) || n.as_encoded_bytes().starts_with(b"..")
-            })
+            p.file_name()
+                .is_some_and(|n| names_cb.contains(n) || n.as_encoded_bytes().starts_with(b".."))
         });
         if relevant {
             // A full channel already holds a pending change; this one coalesces into it.

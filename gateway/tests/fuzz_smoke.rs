@@ -12,10 +12,18 @@ fn smoke(target: &str) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let dir = std::env::temp_dir().join("egress-fuzz-crashes");
-    let report = driver::run(target, Duration::from_secs(seconds), 0x5eed_0000 + target.len() as u64, &dir);
+    let report = driver::run(
+        target,
+        Duration::from_secs(seconds),
+        0x5eed_0000 + target.len() as u64,
+        &dir,
+    );
     println!("{report}");
     assert!(report.executions > 100, "{report}");
-    assert!(report.accepted > 0, "the oracle never saw a valid input: {report}");
+    assert!(
+        report.accepted > 0,
+        "the oracle never saw a valid input: {report}"
+    );
     assert_eq!(report.crashes, 0, "{report}: {:?}", report.crash_files);
 }
 

@@ -51,7 +51,10 @@ impl Resolve for StaticResolver {
             if let Ok(mut l) = self.lookups.lock() {
                 l.push(name.to_string());
             }
-            self.answers.get(name).cloned().ok_or_else(|| not_found(name))
+            self.answers
+                .get(name)
+                .cloned()
+                .ok_or_else(|| not_found(name))
         })
     }
 }

@@ -138,7 +138,13 @@ fn resolver() -> StaticResolver {
         .with("ula.test", &["fd12:3456::1"])
         .with(
             "all-private.test",
-            &["10.0.0.1", "192.168.0.1", "127.0.0.1", "169.254.169.254", "fd00::1"],
+            &[
+                "10.0.0.1",
+                "192.168.0.1",
+                "127.0.0.1",
+                "169.254.169.254",
+                "fd00::1",
+            ],
         )
 }
 
@@ -165,7 +171,12 @@ async fn ssrf_corpus_never_reaches_a_private_address() {
         // Every vector twice: as a CONNECT target and as an absolute-form URL.
         let connect = agent.connect_tunnel(&format!("{host}:{p}"), &[]).await;
         let forward = agent
-            .request("GET", &format!("http://{host}:{p}/latest/meta-data/"), &[], vec![])
+            .request(
+                "GET",
+                &format!("http://{host}:{p}/latest/meta-data/"),
+                &[],
+                vec![],
+            )
             .await;
         let answers = [
             ("CONNECT", connect.map(|t| (t.status, t.body))),
@@ -174,8 +185,9 @@ async fn ssrf_corpus_never_reaches_a_private_address() {
         for (how, answer) in answers {
             let ok = match (&answer, expect) {
                 (Ok((400, _)), Expect::BadHost) => true,
-                (Ok((403, body)), Expect::Blocked) => String::from_utf8_lossy(body)
-                    .contains("destination address not allowed"),
+                (Ok((403, body)), Expect::Blocked) => {
+                    String::from_utf8_lossy(body).contains("destination address not allowed")
+                }
                 // The HTTP client itself may refuse to send a URL it cannot parse.
                 (Err(_), Expect::BadHost) if how == "GET" => true,
                 _ => false,
@@ -189,7 +201,11 @@ async fn ssrf_corpus_never_reaches_a_private_address() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    assert_eq!(counter.connections(), 0, "the gateway connected to loopback");
+    assert_eq!(
+        counter.connections(),
+        0,
+        "the gateway connected to loopback"
+    );
     // Names were resolved once per request, never twice (check, then connect).
     let lookups = resolver.lookups();
     for (host, _) in vectors.iter().filter(|(h, _)| h.contains(".test")) {
@@ -199,7 +215,12 @@ async fn ssrf_corpus_never_reaches_a_private_address() {
     // Refusals are audited, and nothing was let through.
     let lines = w.gateway.wait_for_audit(vectors.len()).await;
     assert!(lines.len() >= vectors.len(), "{} audit lines", lines.len());
-    assert!(lines.iter().all(|l| l["status"] == 400 || l["status"] == 403), "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["status"] == 400 || l["status"] == 403),
+        "{lines:#?}"
+    );
     w.shutdown().await;
 }
 
@@ -254,11 +275,17 @@ async fn allow_cidrs_open_only_what_they_list() {
     .unwrap();
     let agent = w.agent(AGENT).unwrap();
     for host in ["svc.test", "mixed.test", "127.0.0.2"] {
-        let t = agent.connect_tunnel(&format!("{host}:{p}"), &[]).await.unwrap();
+        let t = agent
+            .connect_tunnel(&format!("{host}:{p}"), &[])
+            .await
+            .unwrap();
         assert_eq!(t.status, 200, "{host}");
     }
     for host in ["neighbour.test", "127.0.0.1", "[::ffff:127.0.0.1]", "[::1]"] {
-        let t = agent.connect_tunnel(&format!("{host}:{p}"), &[]).await.unwrap();
+        let t = agent
+            .connect_tunnel(&format!("{host}:{p}"), &[])
+            .await
+            .unwrap();
         assert_eq!(t.status, 403, "{host}");
     }
     assert_eq!(allowed.connections(), 3);
@@ -299,8 +326,16 @@ async fn dns_rebinding_never_reaches_the_private_answer() {
         statuses.push(r.status);
     }
     assert_eq!(rebinder.lookups(), 20, "one lookup per request");
-    assert_eq!(statuses.iter().filter(|s| **s == 403).count(), 10, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 403).count(),
+        10,
+        "{statuses:?}"
+    );
     assert_eq!(allowed.connections(), 10);
-    assert_eq!(blocked.connections(), 0, "the private answer was connected to");
+    assert_eq!(
+        blocked.connections(),
+        0,
+        "the private answer was connected to"
+    );
     w.shutdown().await;
 }

@@ -43,6 +43,9 @@ const V6_BLOCKED: &[(&str, &str)] = &[
     ("::1/128", "loopback"),
     ("100::/64", "discard-only"),
     ("100:0:0:1::/64", "dummy prefix"),
+    // Reached only when no embedded form matched: the rest of the NAT64 /32 is
+    // unassigned, and a network-specific layout could carry any IPv4 address.
+    ("64:ff9b::/32", "NAT64 (unassigned form)"),
     ("2001::/23", "IETF protocol assignments"),
     ("2001:db8::/32", "documentation"),
     ("3fff::/20", "documentation"),
@@ -186,6 +189,16 @@ mod tests {
             "2002:a9fe:a9fe::1",
             "2001:0:4136:e378:8000:63bf:80ff:fffe", // Teredo for 127.0.0.1
             "2001:db8::1",
+            "64:ff9b:0:0:1::a9fe:a9fe",
+            "64:ff9b:a9fe:a9fe::",
+            "3fff::1",
+            "5f00::1",
+            "100::1",
+            "::ffff:0:10.0.0.1",
+            "192.0.0.170",
+            "203.0.113.7",
+            "198.51.100.1",
+            "192.88.99.1",
         ] {
             assert!(blocked(a), "{a} should be blocked");
         }

@@ -146,7 +146,9 @@ fn parse_body(body: &[u8]) -> Result<ClientHello, ClientHelloError> {
     }
     r.take(32, "random")?;
     if r.vec8("session_id")?.len() > 32 {
-        return Err(ClientHelloError::Malformed("session_id longer than 32 bytes"));
+        return Err(ClientHelloError::Malformed(
+            "session_id longer than 32 bytes",
+        ));
     }
     let suites = r.vec16("cipher_suites")?;
     if suites.is_empty() || suites.len() % 2 != 0 {
@@ -211,7 +213,9 @@ fn parse_server_name(data: &[u8]) -> Result<Option<String>, ClientHelloError> {
                 .iter()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':'))
         {
-            return Err(ClientHelloError::Malformed("host_name is not an ASCII name"));
+            return Err(ClientHelloError::Malformed(
+                "host_name is not an ASCII name",
+            ));
         }
         host = Some(String::from_utf8_lossy(name).into_owned());
     }
@@ -241,7 +245,10 @@ pub fn check_sni(host: &Host, sni: Option<&str>) -> Result<(), String> {
 
 /// Reads from `io` until a whole ClientHello is buffered, within `timeout`. Returns the
 /// bytes read (to relay upstream) and the parse result.
-pub async fn read<R>(io: &mut R, timeout: Duration) -> (Vec<u8>, Result<ClientHello, ClientHelloError>)
+pub async fn read<R>(
+    io: &mut R,
+    timeout: Duration,
+) -> (Vec<u8>, Result<ClientHello, ClientHelloError>)
 where
     R: AsyncRead + Unpin,
 {
@@ -254,7 +261,9 @@ where
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }
-            let room = MAX_CLIENT_HELLO_BYTES.saturating_sub(buf.len()).min(chunk.len());
+            let room = MAX_CLIENT_HELLO_BYTES
+                .saturating_sub(buf.len())
+                .min(chunk.len());
             match io.read(&mut chunk[..room]).await {
                 Ok(0) => return Err(ClientHelloError::Truncated),
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -317,7 +326,10 @@ mod tests {
     #[test]
     fn reads_the_sni() {
         let h = hello(&[(10, vec![0, 2, 0, 29]), sni_ext(&["Example.COM"])]);
-        assert_eq!(parse(&h).unwrap().unwrap().sni.as_deref(), Some("Example.COM"));
+        assert_eq!(
+            parse(&h).unwrap().unwrap().sni.as_deref(),
+            Some("Example.COM")
+        );
     }
 
     #[test]
@@ -350,9 +362,15 @@ mod tests {
     #[test]
     fn fronting_tricks_are_malformed() {
         let two_names = hello(&[sni_ext(&["a.example", "b.example"])]);
-        assert!(matches!(parse(&two_names), Err(ClientHelloError::Malformed(_))));
+        assert!(matches!(
+            parse(&two_names),
+            Err(ClientHelloError::Malformed(_))
+        ));
         let two_exts = hello(&[sni_ext(&["a.example"]), sni_ext(&["b.example"])]);
-        assert!(matches!(parse(&two_exts), Err(ClientHelloError::Malformed(_))));
+        assert!(matches!(
+            parse(&two_exts),
+            Err(ClientHelloError::Malformed(_))
+        ));
         let nul = hello(&[sni_ext(&["a.example\0.evil"])]);
         assert!(matches!(parse(&nul), Err(ClientHelloError::Malformed(_))));
     }

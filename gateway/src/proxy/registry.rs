@@ -187,7 +187,9 @@ impl Registry {
                     reason = %why,
                     "closing tunnel denied by the reloaded policy"
                 );
-                entry.closer.close(format!("closed: denied by reloaded policy ({why})"));
+                entry
+                    .closer
+                    .close(format!("closed: denied by reloaded policy ({why})"));
                 out.tunnels_closed += 1;
             }
         }
@@ -220,9 +222,12 @@ fn tunnel_denial(policy: &Policy, t: &TunnelEntry) -> Option<String> {
         .as_ref()
         .map(|p| p.allow_cidrs.as_slice())
         .unwrap_or_default();
-    address_guard::check(t.resolved, allow)
-        .err()
-        .map(|range| format!("destination address not allowed: {} is {}", t.resolved, range.name))
+    address_guard::check(t.resolved, allow).err().map(|range| {
+        format!(
+            "destination address not allowed: {} is {}",
+            t.resolved, range.name
+        )
+    })
 }
 
 /// Put in each request's extensions by the listener: a share of the connection's slots
