@@ -565,3 +565,57 @@ async fn shutdown_drains_open_tunnels_and_flushes_the_audit_log() {
     assert!(lines[0]["bytes_received"].as_u64().unwrap() > 0);
     api.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connect_timeout_is_504() {
+    // A listener whose accept queue is full: further SYNs are dropped, so a connect
+    // hangs until the gateway's connect timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let up = upstreams().await;
+    // Only the IPv4 loopback answer, so the hanging address is the only one tried.
+    let resolver = test_harness::resolver::StaticResolver::new().with("localhost", &["127.0.0.1"]);
+    let w = World::start_with(
+        &policy(port, up.http.addr.port()),
+        test_harness::gateway::GatewayOptions {
+            extra_config:
+                "timeouts: { handshake: 5s, request_header: 5s, connect: 1s, idle: 60s }\n".into(),
+            resolver: Some(std::sync::Arc::new(resolver)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let agent = w.agent(RESEARCH).unwrap();
+    let tunnel = agent
+        .connect_tunnel(&format!("localhost:{port}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        tunnel.status,
+        504,
+        "{}",
+        String::from_utf8_lossy(&tunnel.body)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&tunnel.body).unwrap();
+    assert_eq!(body["error"], "upstream_timeout");
+    let lines = w.gateway.wait_for_audit(1).await;
+    assert_eq!(lines[0]["status"], 504);
+    assert!(lines[0]["error"].as_str().unwrap().contains("timed out"));
+    drop(fillers);
+    drop(listener);
+    w.shutdown().await;
+}
