@@ -21,6 +21,8 @@ pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     root: CertificateDer<'static>,
     root_pem: String,
+    /// Intermediates between a minted leaf and the root, nearest the leaf first.
+    intermediates: Vec<CertificateDer<'static>>,
 }
 
 /// What to put in a minted certificate; everything optional.
@@ -90,9 +92,51 @@ impl TestCa {
     /// the same trust domain do not trust each other's certificates.
     pub fn new(trust_domain: &str) -> TestCa {
         let key = KeyPair::generate().expect("generate CA key");
+        let params = Self::ca_params(trust_domain, &format!("test CA for {trust_domain}"));
+        let cert = params.self_signed(&key).expect("self-sign CA");
+        let root = cert.der().clone();
+        let root_pem = cert.pem();
+        TestCa {
+            trust_domain: trust_domain.to_string(),
+            issuer: Issuer::new(params, key),
+            root,
+            root_pem,
+            intermediates: vec![],
+        }
+    }
+
+    /// A CA signed by this one (same root, same trust domain): its SVIDs carry the chain
+    /// `[leaf, intermediate.., ]` as SPIRE's do under an upstream authority.
+    pub fn intermediate(&self) -> TestCa {
+        let key = KeyPair::generate().expect("generate intermediate key");
+        let depth = self.intermediates.len() + 1;
+        let params = Self::ca_params(
+            &self.trust_domain,
+            &format!("test intermediate {depth} for {}", self.trust_domain),
+        );
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign intermediate");
+        let mut intermediates = vec![cert.der().clone()];
+        intermediates.extend(self.intermediates.iter().cloned());
+        TestCa {
+            trust_domain: self.trust_domain.clone(),
+            issuer: Issuer::new(params, key),
+            root: self.root.clone(),
+            root_pem: self.root_pem.clone(),
+            intermediates,
+        }
+    }
+
+    /// Intermediates a minted leaf chains through (empty for a root CA).
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    fn ca_params(trust_domain: &str, common_name: &str) -> CertificateParams {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("test CA for {trust_domain}"));
+        dn.push(DnType::CommonName, common_name);
         dn.push(DnType::OrganizationName, "egress-gateway tests");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -107,15 +151,8 @@ impl TestCa {
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(30);
-        let cert = params.self_signed(&key).expect("self-sign CA");
-        let root = cert.der().clone();
-        let root_pem = cert.pem();
-        TestCa {
-            trust_domain: trust_domain.to_string(),
-            issuer: Issuer::new(params, key),
-            root,
-            root_pem,
-        }
+        params.use_authority_key_identifier_extension = true;
+        params
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -195,9 +232,11 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("sign leaf certificate");
+        let mut cert_chain = vec![cert.der().clone()];
+        cert_chain.extend(self.intermediates.iter().cloned());
         Svid {
             spiffe_id: opts.spiffe_id,
-            cert_chain: vec![cert.der().clone()],
+            cert_chain,
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
         }
     }

@@ -786,3 +786,38 @@ async fn a_gateway_refusing_the_agent_certificate_is_distinguishable() {
         .expect_err("nothing listens");
     assert!(matches!(err, AgentError::Connect(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn intermediate_cas_give_chains_that_verify_both_ways() {
+    let ca = TestCa::new("example.org");
+    let inter = ca.intermediate();
+    let inter2 = inter.intermediate();
+    assert_eq!(inter2.intermediates().len(), 2);
+    assert_eq!(inter2.root_cert(), ca.root_cert());
+
+    let agent_svid = inter2.mint_svid(AGENT_ID);
+    assert_eq!(agent_svid.cert_chain.len(), 3);
+    assert_eq!(parse(&agent_svid).unwrap().cert_chain().len(), 3);
+
+    let gw = mini_gateway(&inter.mint_svid(GATEWAY_ID), &ca, None).await;
+    let agent = AgentClient::new(&agent_svid, &[ca.root_cert()], gw.addr)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+    let resp = agent
+        .request("GET", "http://example.com:80/", &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+
+    // The fake Workload API passes the whole chain through.
+    let api = FakeWorkloadApi::start_in_tempdir(WorkloadIdentity {
+        svids: vec![inter.mint_svid(GATEWAY_ID)],
+        bundle: vec![ca.root_cert()],
+        federated_bundles: vec![],
+    })
+    .await
+    .unwrap();
+    let source = source(&api.endpoint()).await;
+    assert_eq!(source.svid().unwrap().cert_chain().len(), 2);
+    source.shutdown().await;
+}
