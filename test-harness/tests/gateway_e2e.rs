@@ -219,6 +219,18 @@ async fn forwarded_http_allowed_and_denied() {
     // Keep-alive both ways: one upstream connection served all three.
     assert_eq!(up.http.connection_count(), 1);
 
+    // A Host header naming another site does not reach the upstream: the gateway
+    // sends the authority it decided on.
+    let fronted = session
+        .request("GET", &url, &[("host", "evil.example")], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(fronted.status, 200);
+    assert_eq!(
+        fronted.json().unwrap()["headers"]["host"],
+        format!("localhost:{}", up.http.addr.port())
+    );
+
     // Method not on the pathway.
     let denied = session
         .request("DELETE", &url, &[], Vec::new())
@@ -226,10 +238,13 @@ async fn forwarded_http_allowed_and_denied() {
         .unwrap();
     assert_eq!(denied.status, 403);
     assert_eq!(denied.json().unwrap()["error"], "egress_denied");
-    assert_eq!(up.http.requests().len(), 3);
+    assert_eq!(up.http.requests().len(), 4);
 
-    let lines = w.gateway.wait_for_audit(4).await;
-    let allowed: Vec<_> = lines.iter().filter(|l| l["decision"] == "allow").collect();
+    let lines = w.gateway.wait_for_audit(5).await;
+    let allowed: Vec<_> = lines
+        .iter()
+        .filter(|l| l["decision"] == "allow" && l["method"] == "POST")
+        .collect();
     assert_eq!(allowed.len(), 3);
     for l in &allowed {
         assert_eq!(l["kind"], "http");

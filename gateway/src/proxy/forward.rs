@@ -145,6 +145,12 @@ impl Proxy {
         let counts = ByteCounts::new();
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The destination the policy decided on is the one the upstream sees: a Host
+        // header naming another site would let an agent front through an allowed one
+        // (RFC 9112 §3.2.2: a proxy replaces Host with the target URI's authority).
+        if let Ok(host) = HeaderValue::from_str(&authority_for_host(&target)) {
+            parts.headers.insert(header::HOST, host);
+        }
         if let Ok(tp) = HeaderValue::from_str(&ex.trace.traceparent()) {
             parts
                 .headers
@@ -187,6 +193,15 @@ impl Proxy {
             .finishing(ex, status)
             .boxed();
         Response::from_parts(parts, body)
+    }
+}
+
+/// `host` or `host:port` (port omitted when it is 80 or 443, as clients write it).
+fn authority_for_host(target: &super::target::Target) -> String {
+    if target.port == 80 || target.port == 443 {
+        target.host.to_string()
+    } else {
+        target.to_string()
     }
 }
 
