@@ -14,11 +14,26 @@ if [[ ! "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
 fi
 dir="${EGRESS_SPIRE_DIR:-$HOME/.cache/egress-gateway/spire-$version}"
 
-if [[ -z "${FORCE:-}" && -x "$dir/spire-server" && -x "$dir/spire-agent" ]]; then
+installed() {
+  [[ -z "${FORCE:-}" && -x "$dir/spire-server" && -x "$dir/spire-agent" ]]
+}
+report_installed() {
   echo "SPIRE v$version already installed:"
   echo "  $dir/spire-server"
   echo "  $dir/spire-agent"
-  exit 0
+}
+if installed; then report_installed; exit 0; fi
+
+# One build at a time per install dir: a second run (another checkout's test script,
+# say) waits for the first and then finds the binaries.
+mkdir -p "$dir"
+if command -v flock >/dev/null 2>&1; then
+  exec 9>"$dir/.install.lock"
+  if ! flock -n 9; then
+    echo "install-spire: another install into $dir is running; waiting for it"
+    flock 9
+  fi
+  if installed; then report_installed; exit 0; fi
 fi
 
 if ! command -v go >/dev/null 2>&1; then
@@ -45,7 +60,7 @@ start=$(date +%s)
 echo "install-spire: building SPIRE v$version into $dir (takes several minutes on 2 cores)"
 
 tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
+trap 'rm -rf "$tmp" "$dir/.spire-server.$$" "$dir/.spire-agent.$$"' EXIT
 
 # Download first, so an unreachable checksum DB can be told apart from a build error.
 # Outside a module `go mod download` still verifies against the checksum DB.
@@ -84,12 +99,11 @@ if [[ -n "$ejbca_need" ]] && ! (cd "$src" && go mod download "github.com/Keyfact
     && go mod download github.com/Keyfactor/ejbca-go-client-sdk)
 fi
 
-mkdir -p "$dir"
-# Build to a temporary name and rename, so an interrupted build never looks installed.
-(cd "$src" && CGO_ENABLED=1 go build -trimpath -o "$dir/.spire-server.tmp" ./cmd/spire-server)
-(cd "$src" && CGO_ENABLED=0 go build -trimpath -o "$dir/.spire-agent.tmp" ./cmd/spire-agent)
-mv -f "$dir/.spire-server.tmp" "$dir/spire-server"
-mv -f "$dir/.spire-agent.tmp" "$dir/spire-agent"
+# Build to temporary names and rename, so an interrupted build never looks installed.
+(cd "$src" && CGO_ENABLED=1 go build -trimpath -o "$dir/.spire-server.$$" ./cmd/spire-server)
+(cd "$src" && CGO_ENABLED=0 go build -trimpath -o "$dir/.spire-agent.$$" ./cmd/spire-agent)
+mv -f "$dir/.spire-server.$$" "$dir/spire-server"
+mv -f "$dir/.spire-agent.$$" "$dir/spire-agent"
 
 echo "install-spire: built in $(( $(date +%s) - start ))s"
 echo "SPIRE v$version installed ($("$dir/spire-server" --version 2>&1 | head -n1)):"
