@@ -1,7 +1,11 @@
 //! Load generator: small forwarded HTTP requests on keep-alive connections, sent
 //! directly to an upstream (the baseline) and through the gateway over mTLS, in one run.
 //!
-//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5]`
+//! With `--via-sidecar`, also through `egress-gateway sidecar` (plain HTTP proxy from the
+//! agent to the sidecar, mTLS from the sidecar to the gateway), compared with the direct
+//! mTLS client.
+//!
+//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,19 +15,23 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use test_harness::gateway::{GatewayOptions, World};
 use test_harness::otlp::OtlpReceiver;
+use test_harness::sidecar::TestSidecar;
 use test_harness::upstream::HttpEcho;
 
 struct Args {
     connections: usize,
     seconds: u64,
+    via_sidecar: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
         connections: 8,
         seconds: 5,
+        via_sidecar: false,
     };
     let argv: Vec<String> = std::env::args().collect();
+    a.via_sidecar = argv.iter().any(|x| x == "--via-sidecar");
     for w in argv.windows(2) {
         match w[0].as_str() {
             "--connections" => a.connections = w[1].parse().unwrap_or(a.connections),
@@ -79,6 +87,55 @@ async fn direct_worker(addr: std::net::SocketAddr, until: Instant) -> (Vec<Durat
     while Instant::now() < until {
         let req = hyper::Request::get("/bench")
             .header("host", format!("localhost:{}", addr.port()))
+            .body(Empty::<Bytes>::new())
+            .expect("static request");
+        let t = Instant::now();
+        match send.send_request(req).await {
+            Ok(resp) => {
+                let ok = resp.status() == 200;
+                let _ = resp.into_body().collect().await;
+                if ok {
+                    lat.push(t.elapsed());
+                } else {
+                    errors += 1;
+                }
+            }
+            Err(_) => {
+                errors += 1;
+                break;
+            }
+        }
+    }
+    (lat, errors)
+}
+
+/// A plain HTTP proxy client on one keep-alive connection to the sidecar, sending
+/// absolute-form requests as any `HTTP_PROXY` client does.
+async fn sidecar_worker(
+    sidecar: std::net::SocketAddr,
+    url: String,
+    until: Instant,
+) -> (Vec<Duration>, usize) {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let Ok(tcp) = tokio::net::TcpStream::connect(sidecar).await else {
+        return (lat, 1);
+    };
+    let _ = tcp.set_nodelay(true);
+    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+    else {
+        return (lat, 1);
+    };
+    tokio::spawn(conn);
+    let host = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    while Instant::now() < until {
+        let req = hyper::Request::get(url.as_str())
+            .header("host", host.as_str())
             .body(Empty::<Bytes>::new())
             .expect("static request");
         let t = Instant::now();
@@ -191,6 +248,29 @@ agents:
         via_traced.pct(0.99).as_secs_f64() / via.pct(0.99).as_secs_f64(),
         otlp.spans().len()
     );
+    if a.via_sidecar {
+        let sidecar = TestSidecar::start(
+            &plain,
+            "spiffe://example.org/ns/ai-workloads/sa/bench-agent",
+        )
+        .await?;
+        let proxy = sidecar.listen_addr();
+        let url = url.clone();
+        let side = run(a.connections, a.seconds, move |until| {
+            sidecar_worker(proxy, url.clone(), until)
+        })
+        .await;
+        side.print("sidecar");
+        println!(
+            "ratio sidecar/gateway (agent with mTLS, no sidecar): throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x; the sidecar hop adds p50 {:+.1} µs, p99 {:+.1} µs",
+            side.rps() / via.rps(),
+            side.pct(0.5).as_secs_f64() / via.pct(0.5).as_secs_f64(),
+            side.pct(0.99).as_secs_f64() / via.pct(0.99).as_secs_f64(),
+            (side.pct(0.5).as_secs_f64() - via.pct(0.5).as_secs_f64()) * 1e6,
+            (side.pct(0.99).as_secs_f64() - via.pct(0.99).as_secs_f64()) * 1e6,
+        );
+        sidecar.shutdown().await;
+    }
     for w in [plain, traced] {
         if let Ok(w) = Arc::try_unwrap(w) {
             w.shutdown().await;
