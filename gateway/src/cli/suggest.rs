@@ -51,7 +51,11 @@ const INVALID_INPUT: u8 = 2;
 const SHOWN_MALFORMED: usize = 20;
 
 pub fn run(args: SuggestArgs) -> ExitCode {
-    let since_ms = match args.since.as_deref().map(|s| (s, suggest::parse_rfc3339(s))) {
+    let since_ms = match args
+        .since
+        .as_deref()
+        .map(|s| (s, suggest::parse_rfc3339(s)))
+    {
         None => None,
         Some((_, Some(ms))) => Some(ms),
         Some((s, None)) => {
@@ -93,7 +97,10 @@ pub fn run(args: SuggestArgs) -> ExitCode {
         let mut report = |line: u64, why: &str| {
             malformed += 1;
             if malformed as usize <= SHOWN_MALFORMED {
-                eprintln!("warning: {}:{line}: malformed audit line: {why}", path.display());
+                eprintln!(
+                    "warning: {}:{line}: malformed audit line: {why}",
+                    path.display()
+                );
             }
         };
         let res = read_lines(reader, |n, text| {
@@ -162,9 +169,10 @@ pub fn run(args: SuggestArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print!("{}", s.summary);
+    // Files first: a closed stdout (`| head`) must not lose the suggestion.
     match write_out(&args.out, &s) {
         Ok(()) => {
+            print!("{}", s.summary);
             println!(
                 "wrote {} and {} ({} test cases)",
                 args.out.join("suggested-policy.yaml").display(),

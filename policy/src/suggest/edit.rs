@@ -160,7 +160,8 @@ pub fn edit(text: &str, file: &PolicyFile, ins: &Insertions<'_>) -> Result<Strin
                 None
             }
         };
-        let pw = (dash_line..end).find(|&i| key_text(i).is_some_and(|k| value_after(k, "pathways").is_some()));
+        let pw = (dash_line..end)
+            .find(|&i| key_text(i).is_some_and(|k| value_after(k, "pathways").is_some()));
         match pw {
             None => {
                 let at = t.last_content(dash_line, end, dash_line);
@@ -195,7 +196,11 @@ pub fn edit(text: &str, file: &PolicyFile, ins: &Insertions<'_>) -> Result<Strin
                     }
                     "[]" => {
                         let prefix = &pl[..pl.len() - pl.trim_start().len()];
-                        let head = pl.trim_start().strip_prefix("- ").map(|_| "- ").unwrap_or("");
+                        let head = pl
+                            .trim_start()
+                            .strip_prefix("- ")
+                            .map(|_| "- ")
+                            .unwrap_or("");
                         t.replace.insert(p, format!("{prefix}{head}pathways:"));
                         t.insert(p, reindent(block, key_col + 2));
                     }
@@ -205,9 +210,8 @@ pub fn edit(text: &str, file: &PolicyFile, ins: &Insertions<'_>) -> Result<Strin
         }
     }
     if !ins.agents.is_empty() {
-        let top = (0..t.lines.len()).find(|&i| {
-            indent(t.lines[i]) == 0 && value_after(t.lines[i], "agents").is_some()
-        });
+        let top = (0..t.lines.len())
+            .find(|&i| indent(t.lines[i]) == 0 && value_after(t.lines[i], "agents").is_some());
         match top {
             None => {
                 let last = t.lines.len().checked_sub(1).unwrap_or(usize::MAX);
@@ -227,8 +231,7 @@ pub fn edit(text: &str, file: &PolicyFile, ins: &Insertions<'_>) -> Result<Strin
                             let l = t.lines[i];
                             is_content(l)
                                 && (indent(l) < item_col
-                                    || (indent(l) == item_col
-                                        && !l.trim_start().starts_with("- ")))
+                                    || (indent(l) == item_col && !l.trim_start().starts_with("- ")))
                         })
                         .unwrap_or(t.lines.len());
                     let at = t.last_content(a, aend, a);
@@ -251,7 +254,9 @@ pub fn edit(text: &str, file: &PolicyFile, ins: &Insertions<'_>) -> Result<Strin
             }
             None => {
                 let v = (0..t.lines.len())
-                    .find(|&i| indent(t.lines[i]) == 0 && value_after(t.lines[i], "version").is_some())
+                    .find(|&i| {
+                        indent(t.lines[i]) == 0 && value_after(t.lines[i], "version").is_some()
+                    })
                     .ok_or_else(|| err(0, "no top-level `version:` line to put `mode:` after"))?;
                 t.insert(v, vec![format!("mode: {mode}")]);
             }

@@ -148,11 +148,7 @@ pub fn path_dir(path: &str) -> &str {
 
 /// The longest common prefix of two directory prefixes, cut back to a `/`.
 pub fn common_dir(a: &str, b: &str) -> String {
-    let n = a
-        .bytes()
-        .zip(b.bytes())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     let common = &a.as_bytes()[..n];
     match common.iter().rposition(|&c| c == b'/') {
         // Cut at an ASCII '/', so the slice is valid UTF-8.
@@ -264,9 +260,10 @@ pub fn plan_pathways(
                 destinations.push(DestPlan {
                     text: format!("*.{base}:{p}"),
                     comment: format!(
-                        "{} subdomains ({}), {n} requests",
+                        "{} subdomains ({}), {}",
                         g.covered.len(),
-                        names.join(", ")
+                        names.join(", "),
+                        super::requests(n)
                     ),
                 });
             }
@@ -278,7 +275,7 @@ pub fn plan_pathways(
                     .sum();
                 destinations.push(DestPlan {
                     text: dest_text(h, *p),
-                    comment: format!("{n} requests"),
+                    comment: super::requests(n),
                 });
             }
         }
@@ -287,7 +284,10 @@ pub fn plan_pathways(
         if source_cond {
             let ids: BTreeSet<&str> = items.iter().map(|o| o.source).collect();
             conds.push(if ids.len() == 1 {
-                format!("source.spiffe_id == \"{}\"", ids.iter().next().unwrap_or(&""))
+                format!(
+                    "source.spiffe_id == \"{}\"",
+                    ids.iter().next().unwrap_or(&"")
+                )
             } else {
                 let list: Vec<String> = ids.iter().map(|i| format!("\"{i}\"")).collect();
                 format!("source.spiffe_id in [{}]", list.join(", "))
