@@ -8,6 +8,7 @@ pub mod gateway;
 pub mod otlp;
 pub mod resolver;
 pub mod sidecar;
+pub mod spire;
 pub mod test_resolver;
 pub mod upstream;
 pub mod workload_api;

@@ -16,9 +16,13 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
-use spiffe::WorkloadApiClient;
+use spiffe::x509_source::SvidPicker;
+use spiffe::{SpiffeId, WorkloadApiClient, X509Source, X509Svid};
 use tokio::process::{Child, Command};
+
+use crate::ca::Svid;
 
 const VERSION_FILE: &str = include_str!("../../spire-config/VERSION");
 const SERVER_CONF_TEMPLATE: &str = include_str!("../../spire-config/server.conf.tmpl");
@@ -102,7 +106,9 @@ pub fn require_spire() -> Option<SpireBinaries> {
             panic!("real SPIRE is required in CI: {missing}")
         }
         Err(missing) => {
-            eprintln!("\n*** SKIPPING real-SPIRE test: {missing}; run scripts/install-spire.sh ***\n");
+            eprintln!(
+                "\n*** SKIPPING real-SPIRE test: {missing}; run scripts/install-spire.sh ***\n"
+            );
             None
         }
     }
@@ -208,6 +214,82 @@ impl FetchedSvid {
     pub fn leaf(&self) -> &[u8] {
         &self.cert_chain[0]
     }
+
+    /// As the harness's `Svid`, for an `AgentClient`.
+    pub fn to_svid(&self) -> Svid {
+        Svid {
+            spiffe_id: Some(self.spiffe_id.clone()),
+            cert_chain: self
+                .cert_chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
+            key: PrivatePkcs8KeyDer::from(self.private_key.clone()),
+        }
+    }
+
+    /// The trust bundle as roots, e.g. for `AgentClient::new`.
+    pub fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.bundle
+            .iter()
+            .map(|c| CertificateDer::from(c.clone()))
+            .collect()
+    }
+}
+
+/// One workload's identity as a long-running process would hold it: an `X509Source`
+/// on the agent's socket that keeps the SVID with one SPIFFE ID current as SPIRE
+/// rotates it (this process is registered under every entry, so it picks by ID).
+pub struct SpireWorkload {
+    source: X509Source,
+    spiffe_id: SpiffeId,
+}
+
+impl SpireWorkload {
+    /// The current SVID, for a new `AgentClient` (one per connection follows rotation).
+    pub fn svid(&self) -> anyhow::Result<Svid> {
+        let svid = self.source.svid().context("no current SVID")?;
+        Ok(Svid {
+            spiffe_id: Some(svid.spiffe_id().to_string()),
+            cert_chain: svid
+                .cert_chain()
+                .iter()
+                .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+                .collect(),
+            key: PrivatePkcs8KeyDer::from(svid.private_key().as_bytes().to_vec()),
+        })
+    }
+
+    /// The current trust bundle of the workload's own trust domain.
+    pub fn roots(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let td = self.spiffe_id.trust_domain();
+        let set = self.source.bundle_set().context("no bundle set")?;
+        let bundle = set
+            .get(td)
+            .ok_or_else(|| anyhow!("no bundle for trust domain {td}"))?;
+        Ok(bundle
+            .authorities()
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect())
+    }
+
+    pub fn source(&self) -> &X509Source {
+        &self.source
+    }
+
+    pub async fn shutdown(self) {
+        self.source.shutdown().await;
+    }
+}
+
+/// Picks the SVID with one SPIFFE ID; no match means no identity, never another one.
+struct PickById(SpiffeId);
+
+impl SvidPicker for PickById {
+    fn pick_svid(&self, svids: &[std::sync::Arc<X509Svid>]) -> Option<usize> {
+        svids.iter().position(|s| s.spiffe_id() == &self.0)
+    }
 }
 
 /// Real SPIRE server and agent. Dropping it kills both and removes the temp dirs, also
@@ -283,7 +365,7 @@ impl SpireFixture {
         let ttl = format!("{}s", opts.x509_svid_ttl.as_secs().max(1));
         let port = server_port.to_string();
 
-        let vars: [(&str, &str); 10] = [
+        let vars: [(&str, &str); 12] = [
             ("SERVER_BIND_ADDRESS", "127.0.0.1"),
             ("SERVER_ADDRESS", "127.0.0.1"),
             ("SERVER_PORT", &port),
@@ -294,6 +376,9 @@ impl SpireFixture {
             ("TRUST_DOMAIN", &opts.trust_domain),
             ("X509_SVID_TTL", &ttl),
             ("LOG_LEVEL", "DEBUG"),
+            // SPIRE's 5 s defaults would make every start and new entry ~5 s slower.
+            ("SERVER_CACHE_RELOAD_INTERVAL", "1s"),
+            ("AGENT_SYNC_INTERVAL", "1s"),
         ];
         let server_conf = root.path().join("server.conf");
         let agent_conf = root.path().join("agent.conf");
@@ -394,10 +479,7 @@ impl SpireFixture {
             args.extend(["-selector".to_string(), s.to_string()]);
         }
         if let Some(ttl) = x509_ttl {
-            args.extend([
-                "-x509SVIDTTL".to_string(),
-                ttl.as_secs().max(1).to_string(),
-            ]);
+            args.extend(["-x509SVIDTTL".to_string(), ttl.as_secs().max(1).to_string()]);
         }
         let out = self.server_cli(&args).await?;
         check_entry_results(&out)
@@ -422,11 +504,12 @@ impl SpireFixture {
         // A SIGKILLed agent leaves its socket behind; a client must not reach a dead one.
         let _ = fs::remove_file(&self.agent_socket);
         if let Err(reuse_err) = self.spawn_agent(None).await {
+            eprintln!("spire-agent did not come back on its stored SVID ({reuse_err:#}); attesting again with a new join token");
             self.stop_agent().await?;
             let token = self.generate_join_token().await?;
-            self.spawn_agent(Some(&token))
-                .await
-                .with_context(|| format!("restart without a join token failed first: {reuse_err:#}"))?;
+            self.spawn_agent(Some(&token)).await.with_context(|| {
+                format!("restart without a join token failed first: {reuse_err:#}")
+            })?;
         }
         let deadline = Instant::now() + PHASE_TIMEOUT;
         loop {
@@ -451,10 +534,7 @@ impl SpireFixture {
         let client = WorkloadApiClient::connect_to(self.endpoint())
             .await
             .with_context(|| format!("connecting to {}", self.endpoint()))?;
-        let ctx = client
-            .fetch_x509_context()
-            .await
-            .context("FetchX509SVID")?;
+        let ctx = client.fetch_x509_context().await.context("FetchX509SVID")?;
         let bundles = ctx.bundle_set();
         ctx.svids()
             .iter()
@@ -479,6 +559,77 @@ impl SpireFixture {
                 })
             })
             .collect()
+    }
+
+    /// The current SVID for `spiffe_id` from the agent (waiting for it up to the phase
+    /// timeout), as the harness's `Svid` for an `AgentClient`.
+    pub async fn svid_for(&self, spiffe_id: &str) -> anyhow::Result<Svid> {
+        Ok(self
+            .wait_for_svid(spiffe_id, PHASE_TIMEOUT)
+            .await?
+            .to_svid())
+    }
+
+    /// The trust bundle the agent serves (the roots every SVID here chains to).
+    pub async fn roots(&self) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+        let svids = self.fetch_svids().await?;
+        let first = svids
+            .first()
+            .ok_or_else(|| anyhow!("the agent serves this process no SVID"))?;
+        Ok(first.roots())
+    }
+
+    /// A workload holding the SVID with `spiffe_id`, kept current through rotations and
+    /// agent restarts (the source reconnects by itself, quickly).
+    pub async fn workload(&self, spiffe_id: &str) -> anyhow::Result<SpireWorkload> {
+        let id = SpiffeId::new(spiffe_id).with_context(|| format!("SPIFFE ID {spiffe_id}"))?;
+        let source = X509Source::builder()
+            .endpoint(self.endpoint())
+            .picker(PickById(id.clone()))
+            .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(500))
+            .initial_sync_timeout(PHASE_TIMEOUT)
+            .build()
+            .await
+            .with_context(|| format!("X509Source for {spiffe_id} on {}", self.endpoint()))?;
+        Ok(SpireWorkload {
+            source,
+            spiffe_id: id,
+        })
+    }
+
+    /// Runs `spire-agent api fetch x509` against this agent as another uid (and gid):
+    /// a workload no entry matches. Returns its output; success means it got an SVID.
+    pub async fn fetch_x509_as_uid(&self, uid: u32) -> anyhow::Result<std::process::Output> {
+        // The installed binary may sit under /root (mode 0700): give the other uid a
+        // path it can traverse, inside the fixture's 0755 root.
+        let bin_dir = self.root.path().join("bin");
+        let bin = bin_dir.join("spire-agent");
+        if !is_executable(&bin) {
+            fs::create_dir_all(&bin_dir)?;
+            fs::set_permissions(&bin_dir, fs::Permissions::from_mode(0o755))?;
+            if fs::hard_link(&self.bins.agent, &bin).is_err() {
+                fs::copy(&self.bins.agent, &bin)
+                    .with_context(|| format!("copying {}", self.bins.agent.display()))?;
+            }
+            fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+        }
+        let mut cmd = Command::new(&bin);
+        cmd.args(["api", "fetch", "x509", "-timeout", "5s", "-socketPath"])
+            .arg(&self.agent_socket)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .uid(uid)
+            .gid(uid);
+        cmd.output()
+            .await
+            .with_context(|| format!("running {} as uid {uid}", bin.display()))
+    }
+
+    /// True while the agent process this fixture started is alive.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|a| matches!(a.try_wait(), Ok(None)))
     }
 
     /// Polls the Workload API until it returns an SVID for `spiffe_id`.
@@ -525,7 +676,10 @@ impl SpireFixture {
             };
             if let Some(child) = child {
                 if let Some(status) = child.try_wait()? {
-                    bail!("{which} exited during startup ({status}){}", self.log_context());
+                    bail!(
+                        "{which} exited during startup ({status}){}",
+                        self.log_context()
+                    );
                 }
             }
             let out = Command::new(&bin)
@@ -725,9 +879,15 @@ fn render(template: &str, vars: &[(&str, &str)]) -> anyhow::Result<String> {
     for (name, value) in vars {
         out = out.replace(&format!("{{{{{name}}}}}"), value);
     }
-    if let Some(pos) = out.find("{{") {
-        let rest: String = out[pos..].chars().take(40).collect();
-        bail!("unfilled placeholder in SPIRE config template: {rest}");
+    // Comments may mention placeholders; any other `{{` would reach SPIRE.
+    if let Some(line) = out
+        .lines()
+        .find(|l| !l.trim_start().starts_with('#') && l.contains("{{"))
+    {
+        bail!(
+            "unfilled placeholder in SPIRE config template: {}",
+            line.trim()
+        );
     }
     Ok(out)
 }
