@@ -35,6 +35,9 @@ use crate::testing::{parse_tests, run_tests, TestFileError};
 pub use edit::EditError;
 use group::{dest_text, Obs, PathwayPlan};
 
+/// Destinations listed per pathway in the summary (the file has them all).
+const SUMMARY_DESTINATIONS: usize = 6;
+
 /// The audit `reason` of a request refused after DNS for its address.
 pub const BLOCKED_ADDRESS_REASON: &str = "destination address not allowed";
 
@@ -764,7 +767,18 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
 
     for (agent, plan) in &planned {
         let sec = sections.entry(agent.clone()).or_default();
-        let dests: Vec<&str> = plan.destinations.iter().map(|d| d.text.as_str()).collect();
+        // Keep the summary readable for pathways with many destinations.
+        let mut dests: Vec<&str> = plan
+            .destinations
+            .iter()
+            .take(SUMMARY_DESTINATIONS)
+            .map(|d| d.text.as_str())
+            .collect();
+        let more = plan.destinations.len().saturating_sub(SUMMARY_DESTINATIONS);
+        let more_text = format!("... {more} more");
+        if more > 0 {
+            dests.push(&more_text);
+        }
         let mut line = format!(
             "pathway {:?}: {} [{}]",
             plan.name,
