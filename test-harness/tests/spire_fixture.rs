@@ -229,3 +229,41 @@ async fn agent_restart_serves_svids_again() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn x509_source_observes_rotation() {
+    if require_spire().is_none() {
+        return;
+    }
+    let fixture = SpireFixture::start(SpireOptions::default()).await.unwrap();
+    let source = source_for(&fixture, GATEWAY_ID).await;
+    let first_leaf = source.svid().unwrap().leaf().as_bytes().to_vec();
+
+    // With a 60 s TTL the agent renews at about half of it; allow the whole TTL.
+    let started = Instant::now();
+    let mut updates = source.updated();
+    let rotated = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            updates.changed().await.unwrap();
+            let now = source.svid().unwrap();
+            if now.leaf().as_bytes() != first_leaf.as_slice() {
+                return now;
+            }
+        }
+    })
+    .await
+    .expect("no rotation within 60 s");
+    let (_, first_cert) = x509_parser::parse_x509_certificate(&first_leaf).unwrap();
+    // SPIRE backdates not_before by 10 s.
+    let issued = first_cert.validity().not_before.timestamp() + 10;
+    let age = time::OffsetDateTime::now_utc().unix_timestamp() - issued;
+    eprintln!(
+        "gateway SVID rotated {:?} after the source started, {age} s after issuance",
+        started.elapsed()
+    );
+
+    assert_eq!(rotated.spiffe_id().to_string(), GATEWAY_ID);
+    let (_, new) = x509_parser::parse_x509_certificate(rotated.leaf().as_bytes()).unwrap();
+    assert!(new.validity().not_after > first_cert.validity().not_after);
+    source.shutdown().await;
+}
