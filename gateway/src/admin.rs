@@ -16,12 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
-/// Health endpoints only (`/metrics` answers with an empty exposition).
-pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
-    serve_with_metrics(listener, health, Arc::new(Metrics::new()), stop).await
-}
-
-pub async fn serve_with_metrics(
+pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
     metrics: Arc<Metrics>,

@@ -56,6 +56,8 @@ struct RawConfig {
     on_backend_error: Option<String>,
     #[serde(default)]
     limits: RawResourceLimits,
+    #[serde(default)]
+    allow_cidrs: Vec<String>,
     shutdown_grace: Option<String>,
 }
 
@@ -64,6 +66,7 @@ struct RawConfig {
 struct RawIdentity {
     workload_api: Option<String>,
     startup_timeout: Option<String>,
+    spiffe_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -143,6 +146,9 @@ pub struct GatewayConfig {
     /// `unix:///path` or `tcp://host:port`, as the SPIFFE Workload API endpoint spec says.
     pub workload_api: String,
     pub identity_startup_timeout: Duration,
+    /// Which of the workload's SVIDs is the gateway's (`identity.spiffe_id`); `None` takes
+    /// the Workload API's default, the first one.
+    pub identity_spiffe_id: Option<spiffe::SpiffeId>,
     pub policy: PathBuf,
     pub telemetry: Telemetry,
     pub timeouts: Timeouts,
@@ -150,6 +156,9 @@ pub struct GatewayConfig {
     pub on_backend_error: OnBackendError,
     pub resource_limits: ResourceLimits,
     pub shutdown_grace: Duration,
+    /// Ranges every pathway may reach despite the address guard (development
+    /// clusters, tests); empty by default.
+    pub allow_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// Values given on the command line; they win over the file.
@@ -259,6 +268,17 @@ impl GatewayConfig {
             raw.identity.startup_timeout.as_ref(),
             Duration::from_secs(60),
         )?;
+        // A workload registered under several entries gets several SVIDs, in an order the
+        // Workload API does not promise (SPIRE sorts them by entry ID).
+        let identity_spiffe_id = match raw.identity.spiffe_id.as_deref() {
+            None => None,
+            Some(id) => Some(spiffe::SpiffeId::new(id).map_err(|e| {
+                bad(
+                    "identity.spiffe_id",
+                    format!("`{id}` is not a SPIFFE ID: {e}"),
+                )
+            })?),
+        };
 
         let policy = overrides
             .policy
@@ -380,11 +400,29 @@ impl GatewayConfig {
             Duration::from_secs(30),
         )?;
 
+        let mut allow_cidrs = Vec::new();
+        for (i, c) in raw.allow_cidrs.iter().enumerate() {
+            let net: ipnet::IpNet = c.parse().map_err(|_| {
+                bad(
+                    &format!("allow_cidrs[{i}]"),
+                    format!("`{c}` is not a CIDR such as 10.96.0.0/12"),
+                )
+            })?;
+            if net.trunc() != net {
+                return Err(bad(
+                    &format!("allow_cidrs[{i}]"),
+                    format!("`{c}` has host bits set; did you mean {}?", net.trunc()),
+                ));
+            }
+            allow_cidrs.push(net);
+        }
+
         Ok(GatewayConfig {
             listen,
             admin,
             workload_api,
             identity_startup_timeout,
+            identity_spiffe_id,
             policy,
             telemetry: Telemetry {
                 otlp_endpoint,
@@ -397,6 +435,7 @@ impl GatewayConfig {
             on_backend_error,
             resource_limits,
             shutdown_grace,
+            allow_cidrs,
         })
     }
 }
@@ -515,6 +554,33 @@ on_backend_error: deny
             let err = load(yaml).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn identity_spiffe_id_is_optional_and_checked() {
+        assert_eq!(load("policy: p.yaml\n").unwrap().identity_spiffe_id, None);
+        let cfg = load(
+            "policy: p.yaml\nidentity:\n  spiffe_id: spiffe://example.org/ns/egress-gateway/sa/egress-gateway\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.identity_spiffe_id.map(|id| id.to_string()).as_deref(),
+            Some("spiffe://example.org/ns/egress-gateway/sa/egress-gateway")
+        );
+        let err = load("policy: p.yaml\nidentity:\n  spiffe_id: https://example.org/gw\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`identity.spiffe_id`"), "{err}");
+    }
+
+    #[test]
+    fn gateway_wide_allow_cidrs_are_validated() {
+        let cfg = load("policy: p.yaml\nallow_cidrs: [127.0.0.0/8, \"::1/128\"]\n").unwrap();
+        assert_eq!(cfg.allow_cidrs.len(), 2);
+        let err = load("policy: p.yaml\nallow_cidrs: [10.0.0.1/8]\n").unwrap_err().to_string();
+        assert!(err.contains("allow_cidrs[0]") && err.contains("10.0.0.0/8"), "{err}");
+        let err = load("policy: p.yaml\nallow_cidrs: [nope]\n").unwrap_err().to_string();
+        assert!(err.contains("allow_cidrs[0]"), "{err}");
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub async fn start_with(
         source,
     })?;
     let stop_admin = CancellationToken::new();
-    tokio::spawn(crate::admin::serve_with_metrics(
+    tokio::spawn(crate::admin::serve(
         admin,
         health.clone(),
         telemetry.metrics.clone(),
@@ -100,9 +100,10 @@ pub async fn start_with(
     ));
     tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz, /metrics)");
 
-    let identity = match IdentitySource::connect(
+    let identity = match IdentitySource::connect_as(
         &config.workload_api,
         config.identity_startup_timeout,
+        config.identity_spiffe_id.as_ref(),
     )
     .await
     {
@@ -129,7 +130,8 @@ pub async fn start_with(
         dialer,
         config.timeouts.idle,
     )
-    .with_client_hello_timeout(config.timeouts.handshake));
+    .with_client_hello_timeout(config.timeouts.handshake)
+    .with_global_allow(config.allow_cidrs.clone()));
     let listener = Listener::new(
         tcp,
         tls,

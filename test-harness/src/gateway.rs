@@ -43,6 +43,9 @@ pub struct GatewayOptions {
     pub resolver: Option<Arc<dyn Resolve>>,
     /// `telemetry.otlp_endpoint` (e.g. an `OtlpReceiver`'s endpoint).
     pub otlp_endpoint: Option<String>,
+    /// `identity.spiffe_id`: which SVID is the gateway's when the Workload API serves
+    /// several (real SPIRE, with every entry registered for this uid).
+    pub identity_spiffe_id: Option<String>,
 }
 
 impl TestGateway {
@@ -62,7 +65,11 @@ impl TestGateway {
         let config_path = dir.path().join("gateway.yaml");
         let has_timeouts = opts.extra_config.contains("timeouts:");
         let config = format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\npolicy: {}\ntelemetry:\n  audit_log: {}\n{}{}shutdown_grace: 5s\n{}\n",
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\n{}policy: {}\ntelemetry:\n  audit_log: {}\n{}{}shutdown_grace: 5s\n{}\n",
+            opts.identity_spiffe_id
+                .as_ref()
+                .map(|id| format!("  spiffe_id: {id}\n"))
+                .unwrap_or_default(),
             policy_path.display(),
             audit_path.display(),
             opts.otlp_endpoint

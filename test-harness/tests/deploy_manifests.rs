@@ -1299,3 +1299,236 @@ fn the_dockerfile_builds_the_binary_into_a_non_root_image() {
         );
     }
 }
+
+// === docker-compose.yml ===
+
+fn compose() -> Value {
+    let path = repo().join("docker-compose.yml");
+    let docs = yaml_docs(&path);
+    assert_eq!(docs.len(), 1, "docker-compose.yml is one document");
+    docs.into_iter().next().unwrap()
+}
+
+fn services(c: &Value) -> &serde_json::Map<String, Value> {
+    c["services"].as_object().expect("services")
+}
+
+fn networks_of(svc: &Value) -> BTreeSet<String> {
+    match &svc["networks"] {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|n| n.as_str().map(String::from))
+            .collect(),
+        Value::Object(m) => m.keys().cloned().collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// (source, target) of every volume entry, short or long syntax.
+fn volume_mounts(svc: &Value) -> Vec<(String, String)> {
+    svc["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| match v {
+            Value::String(s) => {
+                let mut parts = s.splitn(3, ':');
+                let src = parts.next().unwrap_or_default().to_string();
+                let dst = parts.next().unwrap_or_default().to_string();
+                (src, dst)
+            }
+            other => (
+                other["source"].as_str().unwrap_or_default().to_string(),
+                other["target"].as_str().unwrap_or_default().to_string(),
+            ),
+        })
+        .collect()
+}
+
+#[test]
+fn compose_parses_and_every_file_it_mounts_exists() {
+    let c = compose();
+    let declared_volumes: BTreeSet<&str> = c["volumes"]
+        .as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    let mut mounted_files = 0;
+    for (name, svc) in services(&c) {
+        assert!(
+            svc["image"].is_string() || svc["build"].is_object() || svc["build"].is_string(),
+            "service {name}: an image or a build"
+        );
+        for (src, dst) in volume_mounts(svc) {
+            assert!(dst.starts_with('/'), "service {name}: mount target {dst}");
+            if let Some(rel_src) = src.strip_prefix("./") {
+                let p = repo().join(rel_src);
+                assert!(
+                    p.exists(),
+                    "service {name}: {src} does not exist in the repository"
+                );
+                mounted_files += 1;
+            } else if !src.starts_with('/') {
+                assert!(
+                    declared_volumes.contains(src.as_str()),
+                    "service {name}: volume {src} is not declared"
+                );
+            }
+        }
+        if let Some(ctx) = svc["build"].as_str() {
+            assert!(
+                repo().join(ctx).join("Dockerfile").is_file(),
+                "service {name}: build {ctx}"
+            );
+        }
+        for dep in match &svc["depends_on"] {
+            Value::Array(a) => a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect(),
+            Value::Object(m) => m.keys().cloned().collect::<Vec<_>>(),
+            _ => Vec::new(),
+        } {
+            assert!(
+                services(&c).contains_key(&dep),
+                "service {name}: depends on unknown {dep}"
+            );
+        }
+    }
+    assert!(
+        mounted_files >= 8,
+        "expected the demo's config files to be mounted"
+    );
+}
+
+#[test]
+fn compose_uses_the_pinned_spire_images() {
+    let c = compose();
+    let version = std::fs::read_to_string(repo().join("spire-config/VERSION")).unwrap();
+    let version = version.trim();
+    for (svc, image) in [
+        ("spire-server", "spire-server"),
+        ("spire-agent", "spire-agent"),
+    ] {
+        assert_eq!(
+            services(&c)[svc]["image"].as_str(),
+            Some(format!("ghcr.io/spiffe/{image}:{version}").as_str()),
+            "{svc} follows spire-config/VERSION"
+        );
+    }
+    let agent_conf =
+        std::fs::read_to_string(repo().join("spire-config/compose/agent.conf")).unwrap();
+    assert!(agent_conf.contains("WorkloadAttestor \"docker\""));
+    assert_eq!(
+        services(&c)["spire-agent"]["pid"],
+        "host",
+        "the docker attestor needs host PIDs"
+    );
+    let agent_mounts = volume_mounts(&services(&c)["spire-agent"]);
+    assert!(agent_mounts
+        .iter()
+        .any(|(s, _)| s == "/var/run/docker.sock"));
+}
+
+#[test]
+fn compose_agents_reach_nothing_but_the_gateway() {
+    let c = compose();
+    let nets = c["networks"].as_object().expect("networks");
+    let internal: BTreeSet<&str> = nets
+        .iter()
+        .filter(|(_, n)| n["internal"] == true)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        internal,
+        BTreeSet::from(["agents"]),
+        "one internal network, for the agents"
+    );
+    let all = services(&c);
+    let gateway = networks_of(&all["gateway"]);
+    assert!(
+        gateway.contains("agents") && gateway.len() >= 2,
+        "gateway: agents + egress"
+    );
+
+    let mut agent_services = 0;
+    for (name, svc) in all {
+        if name == "gateway" {
+            continue;
+        }
+        // Every service that can reach the agents' network is on it alone.
+        let nets = networks_of(svc);
+        if nets.contains("agents") {
+            assert_eq!(nets.len(), 1, "service {name} bridges the agents' network");
+            assert!(svc["ports"].is_null(), "service {name}: no published ports");
+            agent_services += 1;
+        }
+        if let Some(target) = svc["network_mode"]
+            .as_str()
+            .and_then(|m| m.strip_prefix("service:"))
+        {
+            let target_nets = networks_of(&all[target]);
+            assert_eq!(
+                target_nets,
+                BTreeSet::from(["agents".to_string()]),
+                "service {name} shares {target}'s namespace, which must be on `agents` only"
+            );
+        }
+    }
+    assert!(agent_services >= 2);
+}
+
+#[test]
+fn compose_registers_every_labelled_workload_with_the_ids_the_policy_uses() {
+    let c = compose();
+    let entries = std::fs::read_to_string(repo().join("spire-config/compose/entries.sh")).unwrap();
+    let policy: Value = yaml_docs(&repo().join("deploy/compose/gateway/policy.yaml")).remove(0);
+    let policy_ids: BTreeSet<String> = policy["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap().replace("example.org", "$TD"))
+        .collect();
+    let mut labelled = BTreeSet::new();
+    for (name, svc) in services(&c) {
+        let Some(workload) = svc["labels"]["org.egress-gateway.workload"].as_str() else {
+            continue;
+        };
+        labelled.insert(workload.to_string());
+        // entries.sh: create "spiffe://$TD/..." <workload> [flags]
+        let line = entries
+            .lines()
+            .find(|l| l.starts_with("create ") && l.split_whitespace().nth(2) == Some(workload))
+            .unwrap_or_else(|| panic!("service {name}: no entry for label {workload}"));
+        let id = line.split_whitespace().nth(1).unwrap().trim_matches('"');
+        if workload == "egress-gateway" {
+            assert_eq!(
+                id.replace("$TD", "example.org"),
+                test_harness::gateway::GATEWAY_ID
+            );
+            assert!(
+                line.contains("-dns gateway"),
+                "agents verify the proxy name `gateway`"
+            );
+        } else {
+            assert!(
+                policy_ids.contains(id),
+                "{id} (service {name}) is not in the policy"
+            );
+        }
+    }
+    assert_eq!(labelled.len(), 3, "gateway + two agents: {labelled:?}");
+    let sidecar = &services(&c)["coding-agent-sidecar"];
+    let args: Vec<&str> = sidecar["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args.first(), Some(&"sidecar"));
+    assert!(args.contains(&format!("--gateway-id={}", test_harness::gateway::GATEWAY_ID).as_str()));
+    assert_eq!(
+        services(&c)["coding-agent"]["network_mode"],
+        "service:coding-agent-sidecar"
+    );
+}

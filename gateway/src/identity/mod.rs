@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
-use spiffe::X509Source;
+use spiffe::x509_source::SvidPicker;
+use spiffe::{SpiffeId, X509Source, X509Svid};
 use tokio::sync::watch;
 
 pub use material::{peer_spiffe_id, Material, MaterialError, PeerIdError};
@@ -59,10 +60,24 @@ impl IdentitySource {
     /// Connects to the Workload API and waits (bounded) for the first SVID, logging
     /// while it waits so an operator sees why start-up is stuck.
     pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Self, IdentityError> {
-        let build = X509Source::builder()
+        Self::connect_as(endpoint, timeout, None).await
+    }
+
+    /// Like `connect`, but with `spiffe_id` the SVID with that ID is the gateway's,
+    /// whatever its place in the Workload API's list; until one is served, this waits
+    /// as it would for the first SVID.
+    pub async fn connect_as(
+        endpoint: &str,
+        timeout: Duration,
+        spiffe_id: Option<&SpiffeId>,
+    ) -> Result<Self, IdentityError> {
+        let mut builder = X509Source::builder()
             .endpoint(endpoint)
-            .initial_sync_timeout(timeout)
-            .build();
+            .initial_sync_timeout(timeout);
+        if let Some(id) = spiffe_id {
+            builder = builder.picker(PickById(id.clone()));
+        }
+        let build = builder.build();
         tokio::pin!(build);
         let started = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -173,6 +188,16 @@ impl IdentitySource {
         if let Some(source) = source {
             source.shutdown().await;
         }
+    }
+}
+
+/// Selects the SVID with one SPIFFE ID. No match leaves the source without an identity
+/// (it never falls back to another SVID), so the gateway cannot serve as someone else.
+struct PickById(SpiffeId);
+
+impl SvidPicker for PickById {
+    fn pick_svid(&self, svids: &[Arc<X509Svid>]) -> Option<usize> {
+        svids.iter().position(|s| s.spiffe_id() == &self.0)
     }
 }
 

@@ -136,11 +136,7 @@ impl Proxy {
         if !decision.permits() {
             return refuse(ex, denial(&decision));
         }
-        let allow = decision
-            .pathway
-            .as_ref()
-            .map(|p| p.allow_cidrs.clone())
-            .unwrap_or_default();
+        let allow = super::allowed_ranges(&decision, &self.global_allow);
 
         let counts = ByteCounts::new();
         let (mut parts, body) = req.into_parts();

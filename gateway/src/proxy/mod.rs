@@ -56,6 +56,7 @@ pub struct Proxy {
     stop_tunnels: CancellationToken,
     registry: Arc<registry::Registry>,
     client_hello_timeout: Duration,
+    global_allow: Vec<ipnet::IpNet>,
 }
 
 impl Proxy {
@@ -77,7 +78,15 @@ impl Proxy {
             stop_tunnels: CancellationToken::new(),
             registry: Arc::default(),
             client_hello_timeout: Duration::from_secs(10),
+            global_allow: Vec::new(),
         }
+    }
+
+    /// Address ranges every pathway may reach (gateway.yaml `allow_cidrs`).
+    pub fn with_global_allow(mut self, cidrs: Vec<ipnet::IpNet>) -> Self {
+        self.registry = Arc::new(registry::Registry::with_global_allow(cidrs.clone()));
+        self.global_allow = cidrs;
+        self
     }
 
     /// How long a tunnel that checks SNI waits for the agent's ClientHello.
@@ -184,6 +193,18 @@ fn denial(decision: &Decision) -> Refusal {
         reason: decision.reason.to_string(),
         rule: decision.rule.clone(),
     }
+}
+
+/// The ranges the address guard lets through for this decision: the allowing
+/// pathway's `allow_cidrs` plus the gateway-wide ones.
+fn allowed_ranges(decision: &Decision, global_allow: &[ipnet::IpNet]) -> Vec<ipnet::IpNet> {
+    let mut out: Vec<ipnet::IpNet> = decision
+        .pathway
+        .as_ref()
+        .map(|p| p.allow_cidrs.clone())
+        .unwrap_or_default();
+    out.extend_from_slice(global_allow);
+    out
 }
 
 fn dial_refusal(e: &DialError) -> Refusal {

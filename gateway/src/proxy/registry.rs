@@ -32,6 +32,8 @@ pub struct Registry {
     next_id: AtomicU64,
     tunnels: DashMap<u64, TunnelEntry>,
     connections: DashMap<u64, ConnectionEntry>,
+    /// The gateway-wide `allow_cidrs`, added to every pathway's.
+    global_allow: Vec<ipnet::IpNet>,
 }
 
 struct TunnelEntry {
@@ -113,6 +115,14 @@ impl Drop for ConnectionHandle {
 }
 
 impl Registry {
+    /// A registry whose re-checks also honour the gateway-wide `allow_cidrs`.
+    pub fn with_global_allow(global_allow: Vec<ipnet::IpNet>) -> Self {
+        Registry {
+            global_allow,
+            ..Registry::default()
+        }
+    }
+
     pub fn register_tunnel(
         self: &Arc<Self>,
         peer: &PeerIdentity,
@@ -180,7 +190,7 @@ impl Registry {
         }
         for entry in self.tunnels.iter() {
             out.tunnels_checked += 1;
-            if let Some(why) = tunnel_denial(policy, &entry) {
+            if let Some(why) = tunnel_denial(policy, &entry, &self.global_allow) {
                 tracing::info!(
                     source = %entry.peer.spiffe_id,
                     destination = %entry.target,
@@ -198,7 +208,7 @@ impl Registry {
 }
 
 /// Why `policy` would not open this tunnel now, if it would not.
-fn tunnel_denial(policy: &Policy, t: &TunnelEntry) -> Option<String> {
+fn tunnel_denial(policy: &Policy, t: &TunnelEntry, global_allow: &[ipnet::IpNet]) -> Option<String> {
     let host = t.target.host.as_policy_str();
     let request = egress_policy::Request {
         source: &t.peer.spiffe_id,
@@ -217,12 +227,8 @@ fn tunnel_denial(policy: &Policy, t: &TunnelEntry) -> Option<String> {
     if !decision.permits() {
         return Some(decision.reason.to_string());
     }
-    let allow = decision
-        .pathway
-        .as_ref()
-        .map(|p| p.allow_cidrs.as_slice())
-        .unwrap_or_default();
-    address_guard::check(t.resolved, allow).err().map(|range| {
+    let allow = super::allowed_ranges(&decision, global_allow);
+    address_guard::check(t.resolved, &allow).err().map(|range| {
         format!(
             "destination address not allowed: {} is {}",
             t.resolved, range.name

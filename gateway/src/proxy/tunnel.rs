@@ -64,11 +64,7 @@ impl Proxy {
             return refuse(ex, denial(&decision));
         }
 
-        let allow = decision
-            .pathway
-            .as_ref()
-            .map(|p| p.allow_cidrs.clone())
-            .unwrap_or_default();
+        let allow = super::allowed_ranges(&decision, &self.global_allow);
         let (upstream, addr) = match self.dialer.dial(&target, &allow).await {
             Ok(ok) => ok,
             Err(e) => return refuse(ex, dial_refusal(&e)),

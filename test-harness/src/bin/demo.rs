@@ -3,14 +3,17 @@
 //! denied requests. Audit lines are printed as the gateway writes them.
 //!
 //! `cargo run -p test-harness --bin demo` (or `scripts/demo.sh`); `--serve` keeps the
-//! gateway running afterwards so you can try it with curl.
+//! gateway running afterwards so you can try it with curl. `--real-spire` takes every
+//! identity from real `spire-server` and `spire-agent` instead (install them with
+//! `scripts/install-spire.sh`).
 
 use std::time::Duration;
 
 use anyhow::Context as _;
 use test_harness::agent::AgentClient;
 use test_harness::ca::TestCa;
-use test_harness::gateway::{TestGateway, GATEWAY_ID};
+use test_harness::gateway::{GatewayOptions, TestGateway, GATEWAY_ID};
+use test_harness::spire::{SpireFixture, SpireOptions};
 use test_harness::upstream::{HttpEcho, TlsEcho};
 use test_harness::workload_api::FakeWorkloadApi;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -52,20 +55,45 @@ agents:
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let serve = std::env::args().any(|a| a == "--serve");
+    let real_spire = std::env::args().any(|a| a == "--real-spire");
     let ca = TestCa::new("example.org");
-    let api = FakeWorkloadApi::start_in_tempdir(test_harness::gateway::gateway_identity(&ca))
-        .await
-        .context("starting the Workload API")?;
+    let provider = if real_spire {
+        // An hour-long SVID TTL: the demo shows decisions, not rotation.
+        let opts = SpireOptions {
+            x509_svid_ttl: Duration::from_secs(3600),
+            ..SpireOptions::default()
+        };
+        Provider::Spire(Box::new(
+            SpireFixture::start(opts)
+                .await
+                .context("starting real SPIRE")?,
+        ))
+    } else {
+        Provider::Fake(
+            FakeWorkloadApi::start_in_tempdir(test_harness::gateway::gateway_identity(&ca))
+                .await
+                .context("starting the Workload API")?,
+        )
+    };
     let site_ca = TestCa::new("site.test");
     let site = TlsEcho::start(site_ca.mint_server_cert(&["localhost"])).await?;
     let internal = HttpEcho::start().await?;
     let policy = policy(site.addr.port(), internal.addr.port());
 
     println!("== egress-gateway demo");
-    println!(
-        "Workload API (embedded test SPIRE stand-in): {}",
-        api.endpoint()
-    );
+    match &provider {
+        Provider::Fake(api) => println!(
+            "Workload API (embedded test SPIRE stand-in): {}",
+            api.endpoint()
+        ),
+        Provider::Spire(spire) => println!(
+            "Workload API: real SPIRE v{} agent at {} (server 127.0.0.1:{}, logs in {})",
+            test_harness::spire::spire_version(),
+            spire.endpoint(),
+            spire.server_port(),
+            spire.log_dir().display()
+        ),
+    }
     println!(
         "upstreams: TLS site localhost:{}, HTTP API localhost:{}",
         site.addr.port(),
@@ -73,7 +101,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("\n-- policy.yaml\n{policy}");
 
-    let gw = TestGateway::start(&policy, &api.endpoint()).await?;
+    // Real SPIRE serves this process every entry's SVID: name the gateway's.
+    let gw_opts = GatewayOptions {
+        identity_spiffe_id: real_spire.then(|| GATEWAY_ID.to_string()),
+        ..Default::default()
+    };
+    let gw = TestGateway::start_with(&policy, &provider.endpoint(), gw_opts).await?;
     println!(
         "gateway {GATEWAY_ID}\n  mTLS proxy {}  admin http://{}/readyz\n  audit log {}\n",
         gw.proxy_addr(),
@@ -93,11 +126,22 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let roots = vec![ca.root_cert()];
-    let research = AgentClient::new(&ca.mint_svid(RESEARCH), &roots, gw.proxy_addr())?
-        .expect_gateway_id(GATEWAY_ID);
-    let coding = AgentClient::new(&ca.mint_svid(CODING), &roots, gw.proxy_addr())?
-        .expect_gateway_id(GATEWAY_ID);
+    let (roots, research_svid, coding_svid) = match &provider {
+        Provider::Fake(_) => (
+            vec![ca.root_cert()],
+            ca.mint_svid(RESEARCH),
+            ca.mint_svid(CODING),
+        ),
+        Provider::Spire(spire) => (
+            spire.roots().await?,
+            spire.svid_for(RESEARCH).await?,
+            spire.svid_for(CODING).await?,
+        ),
+    };
+    let research =
+        AgentClient::new(&research_svid, &roots, gw.proxy_addr())?.expect_gateway_id(GATEWAY_ID);
+    let coding =
+        AgentClient::new(&coding_svid, &roots, gw.proxy_addr())?.expect_gateway_id(GATEWAY_ID);
 
     step("research-agent: CONNECT to the TLS site (allowed, pathway knowledge-base)");
     let t = research
@@ -163,10 +207,13 @@ async fn main() -> anyhow::Result<()> {
     if serve {
         println!("\nServing until Ctrl-C. Try it with curl:");
         let dir = gw.dir().to_path_buf();
-        let svid = ca.mint_svid(RESEARCH);
-        std::fs::write(dir.join("agent.crt"), svid.cert_pem())?;
-        std::fs::write(dir.join("agent.key"), svid.key_pem())?;
-        std::fs::write(dir.join("ca.pem"), ca.root_pem())?;
+        std::fs::write(dir.join("agent.crt"), research_svid.cert_pem())?;
+        std::fs::write(dir.join("agent.key"), research_svid.key_pem())?;
+        let bundle: String = roots
+            .iter()
+            .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect();
+        std::fs::write(dir.join("ca.pem"), bundle)?;
         println!(
             "  curl --proxy https://127.0.0.1:{port} --proxy-cert {d}/agent.crt --proxy-key {d}/agent.key --proxy-cacert {d}/ca.pem {url}",
             port = gw.proxy_addr().port(),
@@ -176,9 +223,26 @@ async fn main() -> anyhow::Result<()> {
     }
     tail.abort();
     gw.shutdown().await;
-    api.shutdown().await;
+    if let Provider::Fake(api) = provider {
+        api.shutdown().await;
+    }
     println!("\n== done: every request above, allowed or denied, has one audit line.");
     Ok(())
+}
+
+/// Where identities come from: the embedded fake Workload API, or real SPIRE.
+enum Provider {
+    Fake(FakeWorkloadApi),
+    Spire(Box<SpireFixture>),
+}
+
+impl Provider {
+    fn endpoint(&self) -> String {
+        match self {
+            Provider::Fake(api) => api.endpoint(),
+            Provider::Spire(spire) => spire.endpoint(),
+        }
+    }
 }
 
 fn step(what: &str) {
