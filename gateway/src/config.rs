@@ -577,9 +577,16 @@ on_backend_error: deny
     fn gateway_wide_allow_cidrs_are_validated() {
         let cfg = load("policy: p.yaml\nallow_cidrs: [127.0.0.0/8, \"::1/128\"]\n").unwrap();
         assert_eq!(cfg.allow_cidrs.len(), 2);
-        let err = load("policy: p.yaml\nallow_cidrs: [10.0.0.1/8]\n").unwrap_err().to_string();
-        assert!(err.contains("allow_cidrs[0]") && err.contains("10.0.0.0/8"), "{err}");
-        let err = load("policy: p.yaml\nallow_cidrs: [nope]\n").unwrap_err().to_string();
+        let err = load("policy: p.yaml\nallow_cidrs: [10.0.0.1/8]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("allow_cidrs[0]") && err.contains("10.0.0.0/8"),
+            "{err}"
+        );
+        let err = load("policy: p.yaml\nallow_cidrs: [nope]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("allow_cidrs[0]"), "{err}");
     }
 

@@ -123,15 +123,17 @@ pub async fn start_with(
         source,
     })?;
     let dialer = Dialer::new(deps.resolver, config.timeouts.connect);
-    let proxy = Arc::new(Proxy::new(
-        policy.clone(),
-        audit.clone(),
-        telemetry.clone(),
-        dialer,
-        config.timeouts.idle,
-    )
-    .with_client_hello_timeout(config.timeouts.handshake)
-    .with_global_allow(config.allow_cidrs.clone()));
+    let proxy = Arc::new(
+        Proxy::new(
+            policy.clone(),
+            audit.clone(),
+            telemetry.clone(),
+            dialer,
+            config.timeouts.idle,
+        )
+        .with_client_hello_timeout(config.timeouts.handshake)
+        .with_global_allow(config.allow_cidrs.clone()),
+    );
     let listener = Listener::new(
         tcp,
         tls,

@@ -67,11 +67,21 @@ async fn audit_then_suggest_then_enforce() {
     let post = format!("http://api.internal.test:{hp}/v1/items");
     // Not on research-agent's pathways: let through by audit mode.
     for _ in 0..2 {
-        let r = research.request("POST", &post, &[], b"{}".to_vec()).await.unwrap();
+        let r = research
+            .request("POST", &post, &[], b"{}".to_vec())
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
     let get = format!("http://docs.internal.test:{hp}/guide");
-    assert_eq!(research.request("GET", &get, &[], vec![]).await.unwrap().status, 200);
+    assert_eq!(
+        research
+            .request("GET", &get, &[], vec![])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let t = coding
         .connect_tunnel(&format!("site.internal.test:{tp}"), &[])
         .await
@@ -79,12 +89,18 @@ async fn audit_then_suggest_then_enforce() {
     assert_eq!(t.status, 200);
     drop(t);
     // A deny rule in audit mode: logged as a denial, not enforced.
-    let paste = research.connect_tunnel("pastebin.com:443", &[]).await.unwrap();
+    let paste = research
+        .connect_tunnel("pastebin.com:443", &[])
+        .await
+        .unwrap();
     drop(paste);
     let lines = w.gateway.wait_for_audit(5).await;
     assert_eq!(lines.len(), 5);
     assert_eq!(
-        lines.iter().filter(|l| l["decision"] == "deny" && l["enforced"] == false).count(),
+        lines
+            .iter()
+            .filter(|l| l["decision"] == "deny" && l["enforced"] == false)
+            .count(),
         4,
         "{lines:#?}"
     );
@@ -111,30 +127,55 @@ async fn audit_then_suggest_then_enforce() {
         mode: Some(ModeArg::Enforce),
         parse_only: false,
     });
-    let suggested = std::fs::read_to_string(out.join("suggested-policy.yaml"))
-        .expect("suggest wrote a policy");
-    let tests = std::fs::read_to_string(out.join("suggested-tests.yaml"))
-        .expect("suggest wrote tests");
+    let suggested =
+        std::fs::read_to_string(out.join("suggested-policy.yaml")).expect("suggest wrote a policy");
+    let tests =
+        std::fs::read_to_string(out.join("suggested-tests.yaml")).expect("suggest wrote tests");
     let policy = egress_policy::Policy::from_yaml_str(&suggested, "suggested-policy.yaml")
         .unwrap_or_else(|e| panic!("suggested policy does not load: {e}\n{suggested}"));
     assert_eq!(policy.mode(), egress_policy::Mode::Enforce);
     let cases = egress_policy::testing::parse_tests(&tests, "suggested-tests.yaml").unwrap();
     let report = egress_policy::testing::run_tests(&policy, &cases);
-    assert_eq!(report.failed(), 0, "suggested tests fail:\n{suggested}\n{tests}");
+    assert_eq!(
+        report.failed(),
+        0,
+        "suggested tests fail:\n{suggested}\n{tests}"
+    );
     // The deny rule and the blocked address are not widened.
     assert!(!suggested.contains("pastebin.com:"), "{suggested}");
 
-    assert!(suggested.contains(&format!("api.internal.test:{hp}")), "{suggested}");
-    assert!(suggested.contains(&format!("site.internal.test:{tp}")), "{suggested}");
+    assert!(
+        suggested.contains(&format!("api.internal.test:{hp}")),
+        "{suggested}"
+    );
+    assert!(
+        suggested.contains(&format!("site.internal.test:{tp}")),
+        "{suggested}"
+    );
 
     // 3. Enforce the suggestion as written: what was seen is now allowed...
     let reviewed = suggested;
     let w = World::start_with(&reviewed, opts()).await.unwrap();
     let research = w.agent(RESEARCH).unwrap();
     let coding = w.agent(CODING).unwrap();
-    let r = research.request("POST", &post, &[], b"{}".to_vec()).await.unwrap();
-    assert_eq!(r.status, 200, "{reviewed}\n{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(research.request("GET", &get, &[], vec![]).await.unwrap().status, 200);
+    let r = research
+        .request("POST", &post, &[], b"{}".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "{reviewed}\n{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(
+        research
+            .request("GET", &get, &[], vec![])
+            .await
+            .unwrap()
+            .status,
+        200
+    );
     let t = coding
         .connect_tunnel(&format!("site.internal.test:{tp}"), &[])
         .await
@@ -150,12 +191,21 @@ async fn audit_then_suggest_then_enforce() {
     let r = coding.request("POST", &post, &[], vec![]).await.unwrap();
     assert_eq!(r.status, 403);
     let r = research
-        .request("GET", &format!("http://other.internal.test:{hp}/"), &[], vec![])
+        .request(
+            "GET",
+            &format!("http://other.internal.test:{hp}/"),
+            &[],
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 403);
     assert_eq!(
-        research.connect_tunnel("pastebin.com:443", &[]).await.unwrap().status,
+        research
+            .connect_tunnel("pastebin.com:443", &[])
+            .await
+            .unwrap()
+            .status,
         403
     );
     let lines = w.gateway.wait_for_audit(7).await;

@@ -131,7 +131,9 @@ impl Exchange {
                 span.set(span_attributes(&record));
                 span.end(record.status, record.error.as_deref());
             }
-            self.telemetry.metrics.record(&record, elapsed.as_secs_f64());
+            self.telemetry
+                .metrics
+                .record(&record, elapsed.as_secs_f64());
             self.audit.record(record);
         }
     }

@@ -208,7 +208,11 @@ impl Registry {
 }
 
 /// Why `policy` would not open this tunnel now, if it would not.
-fn tunnel_denial(policy: &Policy, t: &TunnelEntry, global_allow: &[ipnet::IpNet]) -> Option<String> {
+fn tunnel_denial(
+    policy: &Policy,
+    t: &TunnelEntry,
+    global_allow: &[ipnet::IpNet],
+) -> Option<String> {
     let host = t.target.host.as_policy_str();
     let request = egress_policy::Request {
         source: &t.peer.spiffe_id,

@@ -12,10 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use egress_policy::RequestKind;
 
+use super::client_hello;
 use super::exchange::{ByteCounts, Exchange};
 use super::metered::{Activity, MeteredIo};
 use super::refusal::{empty, Refusal};
-use super::client_hello;
 use super::registry::{ConnectionHold, TunnelHandle};
 use super::target::{parse_authority, Host};
 use super::{denial, dial_refusal, refuse, PeerIdentity, Proxy, ProxyBody};
