@@ -9,6 +9,5 @@ scripts/install-deps.sh
 # Real-SPIRE tests find the binaries here (scripts/install-spire.sh puts them there).
 export EGRESS_SPIRE_DIR="${EGRESS_SPIRE_DIR:-$HOME/.cache/egress-gateway/spire-$(cat spire-config/VERSION 2>/dev/null || echo 1.15.3)}"
 
-# Two test binaries at a time: the machine has two cores and the end-to-end tests
-# start real servers.
-cargo test --workspace --all-targets -- --test-threads="${TEST_THREADS:-4}"
+# Unit, integration and end-to-end tests (benchmarks are built by clippy, run apart).
+cargo test --workspace --lib --bins --tests -- --test-threads="${TEST_THREADS:-4}"
