@@ -634,3 +634,51 @@ async fn upstream_connect_timeout_is_504() {
     drop(listener);
     w.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pathways_with_upstream_settings_fail_closed_until_origination_exists() {
+    let up = upstreams().await;
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "sk-test").unwrap();
+    let policy = format!(
+        r#"version: 1
+trust_domains: [example.org]
+agents:
+  - name: research-agent
+    id: {RESEARCH}
+    pathways:
+      - name: llm
+        destinations: ["localhost:{}"]
+        methods: [POST]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+        upstream:
+          tls: true
+          inject_headers:
+            authorization: {{ secret_file: {}, prefix: "Bearer " }}
+"#,
+        up.http.addr.port(),
+        secret.path().display()
+    );
+    let w = World::start(&policy).await.unwrap();
+    let agent = w.agent(RESEARCH).unwrap();
+    let r = agent
+        .request(
+            "POST",
+            &format!(
+                "http://localhost:{}/v1/chat/completions",
+                up.http.addr.port()
+            ),
+            &[],
+            b"{}".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
+    assert!(r.json().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .contains("llm"));
+    // Nothing left the gateway in clear text.
+    assert!(up.http.requests().is_empty());
+    w.shutdown().await;
+}

@@ -136,6 +136,19 @@ impl Proxy {
         if !decision.permits() {
             return refuse(ex, denial(&decision));
         }
+        // A pathway with `upstream` promises TLS or SPIFFE mTLS to the destination and
+        // injected credentials; until the gateway originates those, fail closed rather
+        // than send the request in clear text without its credential.
+        if let Some(p) = decision.pathway.as_ref().filter(|p| p.is_l7()) {
+            return refuse(
+                ex,
+                Refusal::UpstreamUnreachable(format!(
+                    "pathway `{}` needs upstream origination (TLS, SPIFFE mTLS, injected \
+                     credentials), which this gateway does not perform yet",
+                    p.name
+                )),
+            );
+        }
         let allow = super::allowed_ranges(&decision, &self.global_allow);
 
         let counts = ByteCounts::new();
