@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc)
+# Shared-limits tests start a real Redis on loopback.
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   apt-get update -qq

@@ -21,7 +21,13 @@ pub struct PolicyStore {
     last_text: Arc<Mutex<u64>>,
     /// Bumped after each swap; open tunnels and connections are re-checked on it.
     generation: Arc<watch::Sender<u64>>,
+    /// Run on every compiled policy before it is put in force.
+    check: Option<LoadCheck>,
 }
+
+/// A gateway-side check of a compiled policy (e.g. that every `secret_file` is
+/// readable); an error rejects the load or reload like a parse error would.
+pub type LoadCheck = Arc<dyn Fn(&Policy) -> Result<(), PolicyError> + Send + Sync>;
 
 fn text_hash(text: &str) -> u64 {
     let mut h = DefaultHasher::new();
@@ -32,8 +38,16 @@ fn text_hash(text: &str) -> u64 {
 impl PolicyStore {
     /// Loads the policy; an invalid file is an error, never a half-loaded policy.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        Self::load_checked(path, None)
+    }
+
+    /// Like [`load`](Self::load), with `check` run on this and every reloaded policy.
+    pub fn load_checked(path: &Path, check: Option<LoadCheck>) -> Result<Self, PolicyError> {
         let text = read(path)?;
         let policy = Policy::from_yaml_str(&text, &path.display().to_string())?;
+        if let Some(check) = &check {
+            check(&policy)?;
+        }
         let tds = policy.trust_domains().to_vec();
         Ok(PolicyStore {
             path: path.to_path_buf(),
@@ -41,6 +55,7 @@ impl PolicyStore {
             accepted_trust_domains: Arc::new(ArcSwap::from_pointee(tds)),
             last_text: Arc::new(Mutex::new(text_hash(&text))),
             generation: Arc::new(watch::channel(0).0),
+            check,
         })
     }
 
@@ -95,6 +110,9 @@ impl PolicyStore {
             text,
             &self.path.display().to_string(),
         )?);
+        if let Some(check) = &self.check {
+            check(&policy)?;
+        }
         self.accepted_trust_domains
             .store(Arc::new(policy.trust_domains().to_vec()));
         self.current.store(policy.clone());

@@ -35,6 +35,28 @@ pub enum StartError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Telemetry(#[from] TelemetryError),
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitsError),
+}
+
+/// The policy-load check for L7 pathways' files (see [`crate::upstream::check_policy_files`]).
+fn secrets_check(secrets: &crate::upstream::Secrets) -> crate::policy_store::LoadCheck {
+    let secrets = secrets.clone();
+    Arc::new(move |policy: &egress_policy::Policy| {
+        crate::upstream::check_policy_files(policy, &secrets).map_err(|errors| {
+            egress_policy::PolicyError::Many(
+                errors
+                    .into_iter()
+                    .map(|message| egress_policy::PolicyError::Invalid {
+                        origin: policy.origin().to_string(),
+                        line: None,
+                        context: "upstream files".into(),
+                        message,
+                    })
+                    .collect(),
+            )
+        })
+    })
 }
 
 /// Things tests replace: the resolver (private and rebinding answers).
@@ -75,7 +97,14 @@ pub async fn start_with(
     config: GatewayConfig,
     deps: Dependencies,
 ) -> Result<RunningGateway, StartError> {
-    let policy = PolicyStore::load(&config.policy)?;
+    // Secret and CA files are checked with every load and reload: a policy whose
+    // credential cannot be read is rejected, never half in force.
+    let secrets = crate::upstream::Secrets::default();
+    let policy = PolicyStore::load_checked(&config.policy, Some(secrets_check(&secrets)))?;
+    let limits = Arc::new(crate::limits::Limits::from_config(
+        &config.limits_backend,
+        config.on_backend_error,
+    )?);
     tracing::info!(path = %config.policy.display(), "policy loaded");
     let (audit, audit_writer) = AuditLog::open(&config.telemetry.audit_log).await?;
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
@@ -132,7 +161,8 @@ pub async fn start_with(
             config.timeouts.idle,
         )
         .with_client_hello_timeout(config.timeouts.handshake)
-        .with_global_allow(config.allow_cidrs.clone()),
+        .with_global_allow(config.allow_cidrs.clone())
+        .with_l7(limits, secrets, identity.clone()),
     );
     let listener = Listener::new(
         tcp,
@@ -208,6 +238,11 @@ impl RunningGateway {
 
     pub fn telemetry(&self) -> &Arc<Telemetry> {
         &self.telemetry
+    }
+
+    /// Per-agent, per-pathway limits and their consumption ([`crate::limits::Limits::snapshot`]).
+    pub fn limits(&self) -> &Arc<crate::limits::Limits> {
+        self.proxy.limits()
     }
 
     /// Re-reads the policy file; on success it is in force for the next decision.

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod ca;
 pub mod gateway;
+pub mod llm_upstream;
 pub mod otlp;
 pub mod resolver;
 pub mod sidecar;

@@ -83,6 +83,11 @@ impl Exchange {
         r.dry_run_rules = d.dry_run_rules.clone();
     }
 
+    /// The OpenAI-compatible request's `model` (audit `llm_model`, span `gen_ai.request.model`).
+    pub fn set_llm_model(&mut self, model: Option<&str>) {
+        self.rec().llm_model = model.map(str::to_string);
+    }
+
     pub fn set_resolved(&mut self, ip: std::net::IpAddr) {
         self.rec().resolved_ip = Some(ip.to_string());
     }

@@ -20,19 +20,27 @@ use tokio::net::TcpStream;
 
 use egress_policy::RequestKind;
 
+use bytes::Bytes;
+
+use crate::upstream::tls::server_name;
+use crate::upstream::ProfileKey;
+
 use super::dial::{DialError, Dialer};
 use super::exchange::{ByteCounts, Exchange};
 use super::metered::{CountingBody, Direction};
 use super::refusal::Refusal;
 use super::target::parse_authority;
-use super::{denial, dial_refusal, refuse, PeerIdentity, Proxy, ProxyBody};
+use super::{denial, dial_refusal, llm, refuse, PeerIdentity, Proxy, ProxyBody};
 
-/// Upstream HTTP clients, one pool per set of `allow_cidrs` (the guard a connection was
-/// checked against is part of what makes it reusable).
+/// Upstream HTTP clients, one pool per set of `allow_cidrs` and upstream TLS profile
+/// (the guard a connection was checked against and the verification it passed are both
+/// part of what makes it reusable).
 pub(super) struct Forwarder {
     dialer: Dialer,
-    clients: DashMap<Vec<IpNet>, Client<GuardedConnector, ProxyBody>>,
+    clients: DashMap<PoolKey, Client<GuardedConnector, ProxyBody>>,
 }
+
+type PoolKey = (Vec<IpNet>, Option<ProfileKey>);
 
 impl Forwarder {
     pub(super) fn new(dialer: Dialer) -> Self {
@@ -42,13 +50,23 @@ impl Forwarder {
         }
     }
 
-    fn client(&self, allow: &[IpNet]) -> Client<GuardedConnector, ProxyBody> {
-        if let Some(c) = self.clients.get(allow) {
+    fn client(
+        &self,
+        allow: &[IpNet],
+        profile: Option<(ProfileKey, Arc<rustls::ClientConfig>)>,
+    ) -> Client<GuardedConnector, ProxyBody> {
+        let (profile_key, tls) = match profile {
+            Some((k, c)) => (Some(k), Some(c)),
+            None => (None, None),
+        };
+        let key = (allow.to_vec(), profile_key);
+        if let Some(c) = self.clients.get(&key) {
             return c.clone();
         }
         let connector = GuardedConnector {
             dialer: self.dialer.clone(),
             allow: allow.to_vec().into(),
+            tls: tls.map(tokio_rustls::TlsConnector::from),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -56,11 +74,83 @@ impl Forwarder {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
-        self.clients.entry(allow.to_vec()).or_insert(client).clone()
+        self.clients.entry(key).or_insert(client).clone()
+    }
+}
+
+/// A request body as received, or read into memory (bounded) for `models` or
+/// `max_request_body_bytes`.
+enum ReqBody {
+    Streaming(Incoming),
+    Buffered(Bytes),
+}
+
+impl ReqBody {
+    /// Reads the body into memory unless it already is; more than `limit` bytes is 413
+    /// before anything is forwarded.
+    async fn buffer(self, headers: &HeaderMap, limit: u64) -> Result<ReqBody, Refusal> {
+        let too_large = || Refusal::TooLarge {
+            reason: format!("request body larger than {limit} bytes"),
+            limit: "max_request_body_bytes".into(),
+        };
+        match self {
+            ReqBody::Buffered(b) if b.len() as u64 > limit => Err(too_large()),
+            ReqBody::Buffered(b) => Ok(ReqBody::Buffered(b)),
+            ReqBody::Streaming(body) => {
+                let declared = headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                if declared.is_some_and(|n| n > limit) {
+                    return Err(too_large());
+                }
+                let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+                match http_body_util::Limited::new(body, cap).collect().await {
+                    Ok(c) => Ok(ReqBody::Buffered(c.to_bytes())),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+                    Err(e) => Err(Refusal::BadRequest(format!(
+                        "cannot read the request body: {e}"
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn into_proxy_body(self) -> ProxyBody {
+        match self {
+            ReqBody::Streaming(b) => b.boxed(),
+            ReqBody::Buffered(b) => super::refusal::full(b),
+        }
     }
 }
 
 impl Proxy {
+    /// How much body to read for the model, when some pathway's `models` may decide.
+    fn model_body_limit(
+        &self,
+        peer: &PeerIdentity,
+        method: &str,
+        target: &super::target::Target,
+        path: &str,
+    ) -> Option<u64> {
+        let host = target.host.as_policy_str();
+        self.policy
+            .current()
+            .llm_model_body_limit(&egress_policy::Request {
+                source: &peer.spiffe_id,
+                source_address: Some(peer.address),
+                kind: RequestKind::Http,
+                method,
+                host: &host,
+                port: target.port,
+                path,
+                query: "",
+                headers: &[],
+                llm_model: None,
+                now: std::time::SystemTime::now(),
+            })
+    }
+
     pub(super) async fn forward(
         self: Arc<Self>,
         req: Request<Incoming>,
@@ -122,6 +212,22 @@ impl Proxy {
         let query = uri.query().unwrap_or_default().to_string();
         ex.set_target(&target.host.as_policy_str(), target.port, &path);
 
+        let (mut parts, body) = req.into_parts();
+        let mut body = ReqBody::Streaming(body);
+        // Two-phase evaluation: when a pathway's `models` may decide, read the (bounded)
+        // body first so the policy sees the model.
+        let mut llm_model = None;
+        if let Some(limit) = self.model_body_limit(peer, &method, &target, &path) {
+            body = match body.buffer(&parts.headers, limit).await {
+                Ok(b) => b,
+                Err(refusal) => return refuse(ex, refusal),
+            };
+            if let ReqBody::Buffered(bytes) = &body {
+                llm_model = llm::model_from_body(bytes);
+            }
+            ex.set_llm_model(llm_model.as_deref());
+        }
+
         let decision = self.decide(
             peer,
             RequestKind::Http,
@@ -129,30 +235,35 @@ impl Proxy {
             &target,
             &path,
             &query,
-            req.headers(),
-            None,
+            &parts.headers,
+            llm_model.as_deref(),
         );
         ex.set_decision(&decision);
         if !decision.permits() {
             return refuse(ex, denial(&decision));
         }
-        // A pathway with `upstream` promises TLS or SPIFFE mTLS to the destination and
-        // injected credentials; until the gateway originates those, fail closed rather
-        // than send the request in clear text without its credential.
-        if let Some(p) = decision.pathway.as_ref().filter(|p| p.is_l7()) {
-            return refuse(
-                ex,
-                Refusal::UpstreamUnreachable(format!(
-                    "pathway `{}` needs upstream origination (TLS, SPIFFE mTLS, injected \
-                     credentials), which this gateway does not perform yet",
-                    p.name
-                )),
-            );
+        let pathway = decision.pathway.clone();
+        if let Some(max) = pathway
+            .as_ref()
+            .and_then(|p| p.limits.max_request_body_bytes)
+        {
+            body = match body.buffer(&parts.headers, max).await {
+                Ok(b) => b,
+                Err(refusal) => return refuse(ex, refusal),
+            };
         }
+        let admission = match (&pathway, &decision.agent) {
+            (Some(p), Some(agent)) if !p.limits.is_empty() => {
+                match self.limits.admit(agent, p).await {
+                    Ok(a) => Some(a),
+                    Err(hit) => return refuse(ex, super::limit_refusal(hit)),
+                }
+            }
+            _ => None,
+        };
         let allow = super::allowed_ranges(&decision, &self.global_allow);
 
         let counts = ByteCounts::new();
-        let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // The destination the policy decided on is the one the upstream sees: a Host
         // header naming another site would let an agent front through an allowed one
@@ -165,9 +276,51 @@ impl Proxy {
                 .headers
                 .insert(HeaderName::from_static("traceparent"), tp);
         }
+        let mut profile = None;
+        if let Some(p) = &pathway {
+            if let Some(up) = &p.upstream {
+                // Injection replaces whatever the agent sent under that name.
+                for (name, secret) in &up.inject_headers {
+                    let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                        return refuse(
+                            ex,
+                            Refusal::UpstreamUnreachable(format!(
+                                "pathway `{}`: bad inject_headers name",
+                                p.name
+                            )),
+                        );
+                    };
+                    match self
+                        .secrets
+                        .header_value(&secret.secret_file, &secret.prefix)
+                    {
+                        Ok(v) => {
+                            parts.headers.remove(&name);
+                            parts.headers.insert(name, v);
+                        }
+                        // Never forward without the credential.
+                        Err(e) => {
+                            return refuse(
+                                ex,
+                                Refusal::UpstreamUnreachable(format!("pathway `{}`: {e}", p.name)),
+                            )
+                        }
+                    }
+                }
+                profile = match self.upstream_tls.profile(up) {
+                    Ok(prof) => prof,
+                    Err(e) => {
+                        return refuse(
+                            ex,
+                            Refusal::UpstreamUnreachable(format!("pathway `{}`: {e}", p.name)),
+                        )
+                    }
+                };
+            }
+        }
         // The pool is keyed by scheme and authority; a canonical one avoids duplicates.
         parts.uri = match Uri::builder()
-            .scheme("http")
+            .scheme(if profile.is_some() { "https" } else { "http" })
             .authority(target.to_string())
             .path_and_query(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
             .build()
@@ -175,16 +328,21 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => return refuse(ex, Refusal::BadRequest(format!("bad request target: {e}"))),
         };
-        let body = CountingBody::new(body, counts.clone(), Direction::Sent).boxed();
+        let body =
+            CountingBody::new(body.into_proxy_body(), counts.clone(), Direction::Sent).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
-        let client = self.forwarder.client(&allow);
+        let pathway_name = pathway.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        let client = self.forwarder.client(&allow, profile);
         let response = match client.request(upstream_req).await {
             Ok(r) => r,
             Err(e) => {
-                let refusal = match find_dial_error(&e) {
-                    Some(dial) => dial_refusal(dial),
-                    None => Refusal::UpstreamUnreachable(format!(
+                let refusal = match (find_dial_error(&e), find_tls_error(&e)) {
+                    (Some(dial), _) => dial_refusal(dial),
+                    (None, Some(tls)) => {
+                        Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {tls}"))
+                    }
+                    (None, None) => Refusal::UpstreamUnreachable(format!(
                         "upstream request failed: {}",
                         error_chain(&e)
                     )),
@@ -198,9 +356,21 @@ impl Proxy {
         let status = response.status().as_u16();
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let body = CountingBody::new(body, counts, Direction::Received)
+        let usage = admission.as_ref().filter(|a| a.counts_tokens()).map(|_| {
+            llm::UsageParser::for_content_type(
+                parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok()),
+            )
+        });
+        let body = CountingBody::new(body, counts.clone(), Direction::Received)
             .finishing(ex, status)
             .boxed();
+        let body = match admission {
+            Some(a) => llm::LimitedBody::new(body, a, counts, usage).boxed(),
+            None => body,
+        };
         Response::from_parts(parts, body)
     }
 }
@@ -252,6 +422,17 @@ fn find_dial_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a D
     None
 }
 
+fn find_tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a TlsHandshakeError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(d) = err.downcast_ref::<TlsHandshakeError>() {
+            return Some(d);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
@@ -267,17 +448,37 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ResolvedAddr(pub SocketAddr);
 
-/// Dials through the address guard for the hyper client pool.
+/// Dials through the address guard for the hyper client pool, then, for TLS and
+/// SPIFFE mTLS pathways, runs the TLS handshake with SNI = the destination host.
 #[derive(Clone)]
 pub(super) struct GuardedConnector {
     dialer: Dialer,
     allow: Arc<[IpNet]>,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnectError {
+    // Not `transparent`: the refusal mapping finds these by walking `source()`.
+    #[error("{0}")]
+    Dial(#[from] DialError),
+    #[error("{0}")]
+    Tls(#[from] TlsHandshakeError),
+}
+
+/// The TLS handshake with the destination failed (wrong CA, wrong name, wrong SPIFFE ID).
+#[derive(Debug, thiserror::Error)]
+#[error("upstream TLS handshake with {target} failed: {reason}")]
+pub(super) struct TlsHandshakeError {
+    target: String,
+    reason: String,
 }
 
 impl tower_service::Service<Uri> for GuardedConnector {
     type Response = DialedStream;
-    type Error = DialError;
-    type Future = Pin<Box<dyn Future<Output = Result<DialedStream, DialError>> + Send>>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<DialedStream, ConnectError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -286,6 +487,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let dialer = self.dialer.clone();
         let allow = self.allow.clone();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
             let target = parse_authority(authority).map_err(|e| DialError::Connect {
@@ -293,16 +495,80 @@ impl tower_service::Service<Uri> for GuardedConnector {
                 reason: e.to_string(),
             })?;
             let (stream, addr) = dialer.dial(&target, &allow).await?;
+            let io = match tls {
+                None => UpstreamIo::Plain(stream),
+                Some(tls) => {
+                    let host = target.host.as_policy_str();
+                    let handshake_error = |reason: String| TlsHandshakeError {
+                        target: target.to_string(),
+                        reason,
+                    };
+                    let name = server_name(&host).ok_or_else(|| {
+                        handshake_error(format!("`{host}` is not a TLS server name"))
+                    })?;
+                    let s = tls
+                        .connect(name, stream)
+                        .await
+                        .map_err(|e| handshake_error(e.to_string()))?;
+                    UpstreamIo::Tls(Box::new(s))
+                }
+            };
             Ok(DialedStream {
-                io: TokioIo::new(stream),
+                io: TokioIo::new(io),
                 addr,
             })
         })
     }
 }
 
+/// The upstream connection: plain TCP, or TLS over it.
+pub(super) enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 pub(super) struct DialedStream {
-    io: TokioIo<TcpStream>,
+    io: TokioIo<UpstreamIo>,
     addr: SocketAddr,
 }
 

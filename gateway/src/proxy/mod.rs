@@ -6,6 +6,7 @@ pub mod client_hello;
 pub mod dial;
 mod exchange;
 mod forward;
+mod llm;
 mod metered;
 mod refusal;
 pub mod registry;
@@ -57,6 +58,10 @@ pub struct Proxy {
     registry: Arc<registry::Registry>,
     client_hello_timeout: Duration,
     global_allow: Vec<ipnet::IpNet>,
+    /// L7 pathways: limits, injected credentials, upstream TLS.
+    limits: Arc<crate::limits::Limits>,
+    secrets: crate::upstream::Secrets,
+    upstream_tls: crate::upstream::UpstreamTls,
 }
 
 impl Proxy {
@@ -79,7 +84,28 @@ impl Proxy {
             registry: Arc::default(),
             client_hello_timeout: Duration::from_secs(10),
             global_allow: Vec::new(),
+            limits: Arc::default(),
+            secrets: crate::upstream::Secrets::default(),
+            upstream_tls: crate::upstream::UpstreamTls::new(None),
         }
+    }
+
+    /// Limits, the secrets checked at policy load, and the gateway's identity for
+    /// SPIFFE mTLS upstreams.
+    pub fn with_l7(
+        mut self,
+        limits: Arc<crate::limits::Limits>,
+        secrets: crate::upstream::Secrets,
+        identity: crate::identity::IdentitySource,
+    ) -> Self {
+        self.limits = limits;
+        self.secrets = secrets;
+        self.upstream_tls = crate::upstream::UpstreamTls::new(Some(identity));
+        self
+    }
+
+    pub fn limits(&self) -> &Arc<crate::limits::Limits> {
+        &self.limits
     }
 
     /// Address ranges every pathway may reach (gateway.yaml `allow_cidrs`).
@@ -205,6 +231,15 @@ fn allowed_ranges(decision: &Decision, global_allow: &[ipnet::IpNet]) -> Vec<ipn
         .unwrap_or_default();
     out.extend_from_slice(global_allow);
     out
+}
+
+/// A limit that fired, as the agent and the audit line see it.
+fn limit_refusal(hit: crate::limits::LimitHit) -> Refusal {
+    Refusal::Limited {
+        reason: hit.reason,
+        limit: hit.kind.as_str().to_string(),
+        retry_after: hit.retry_after,
+    }
 }
 
 fn dial_refusal(e: &DialError) -> Refusal {

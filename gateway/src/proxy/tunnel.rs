@@ -64,6 +64,17 @@ impl Proxy {
             return refuse(ex, denial(&decision));
         }
 
+        // Limits hold for tunnels too: rate, concurrency (for the tunnel's life) and
+        // the byte budget, which closes the tunnel once spent.
+        let admission = match (&decision.pathway, &decision.agent) {
+            (Some(p), Some(agent)) if !p.limits.is_empty() => {
+                match self.limits.admit(agent, p).await {
+                    Ok(a) => Some(a),
+                    Err(hit) => return refuse(ex, super::limit_refusal(hit)),
+                }
+            }
+            _ => None,
+        };
         let allow = super::allowed_ranges(&decision, &self.global_allow);
         let (upstream, addr) = match self.dialer.dial(&target, &allow).await {
             Ok(ok) => ok,
@@ -96,7 +107,7 @@ impl Proxy {
                     let mut agent = TokioIo::new(upgraded);
                     match check_client_hello(&mut agent, sni_check).await {
                         Ok(prefix) => {
-                            let ends = Ends { idle, stop, handle: &handle };
+                            let ends = Ends { idle, stop, handle: &handle, budget: admission.as_ref() };
                             relay(agent, upstream, prefix, &counts, ends).await
                         }
                         Err(why) => {
@@ -108,6 +119,9 @@ impl Proxy {
                 Err(e) => Some(format!("upgrade failed: {e}")),
             };
             drop(hold);
+            if let Some(a) = admission {
+                a.finish_tunnel(counts.sent() + counts.received());
+            }
             ex.finish(200, &counts, error);
             active.dec();
         });
@@ -123,6 +137,7 @@ struct Ends<'a> {
     idle: Duration,
     stop: CancellationToken,
     handle: &'a TunnelHandle,
+    budget: Option<&'a crate::limits::Admission>,
 }
 
 /// For tunnels that need it, reads the agent's ClientHello and checks its SNI against
@@ -156,7 +171,19 @@ async fn relay<A>(
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Ends { idle, stop, handle } = ends;
+    let Ends {
+        idle,
+        stop,
+        handle,
+        budget,
+    } = ends;
+    let spent = async {
+        match budget {
+            Some(a) => a.watch_tunnel(|| counts.sent() + counts.received()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(spent);
     let activity = Activity::new();
     let mut upstream = MeteredIo::new(upstream, counts.clone(), activity.clone());
     if !prefix.is_empty() {
@@ -182,6 +209,7 @@ where
                 }
             }
             why = handle.closed() => return Some(why),
+            why = &mut spent => return Some(why),
             _ = stop.cancelled() => return Some("gateway shutting down".into()),
         }
     }

@@ -1,0 +1,193 @@
+//! Credentials for `inject_headers`, read from files (Kubernetes Secret volumes) and
+//! re-read when the file changes. Values live in `SecretString` and reach nothing but
+//! the upstream request: never logs, spans, audit lines, metrics or error bodies.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret file {}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secret file {} is empty", path.display())]
+    Empty { path: PathBuf },
+    #[error("secret file {} holds bytes not allowed in an HTTP header value", path.display())]
+    NotHeaderSafe { path: PathBuf },
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    // `metadata` follows symlinks: Kubernetes swaps the `..data` link on update,
+    // which changes the inode we see.
+    let m = std::fs::metadata(path)?;
+    Ok(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+struct Loaded {
+    stamp: Stamp,
+    value: SecretString,
+}
+
+/// Secret files by path, each read once per change.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    files: Arc<DashMap<PathBuf, Arc<ArcSwap<Loaded>>>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_secret(path: &Path) -> Result<(Stamp, SecretString), SecretError> {
+    let read = |source| SecretError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let st = stamp(path).map_err(read)?;
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    // Secret files usually end with a newline that is not part of the key.
+    let value = text.trim_end_matches(['\r', '\n']);
+    if value.is_empty() {
+        return Err(SecretError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    if HeaderValue::from_str(value).is_err() {
+        return Err(SecretError::NotHeaderSafe {
+            path: path.to_owned(),
+        });
+    }
+    Ok((st, SecretString::from(value.to_string())))
+}
+
+impl Secrets {
+    /// Reads (or re-reads, if it changed) `path`; an error names the file.
+    pub fn load(&self, path: &Path) -> Result<(), SecretError> {
+        let (stamp, value) = read_secret(path)?;
+        let loaded = Arc::new(Loaded { stamp, value });
+        match self.files.get(path) {
+            Some(slot) => slot.store(loaded),
+            None => {
+                self.files
+                    .insert(path.to_owned(), Arc::new(ArcSwap::new(loaded)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The header value `prefix + secret`, marked sensitive (hyper's HPACK and debug
+    /// output skip it). A file that changed since the last read is read again; if the
+    /// new version cannot be read (a Secret update in progress), the last good value
+    /// is used and the problem logged without the value.
+    pub fn header_value(&self, path: &Path, prefix: &str) -> Result<HeaderValue, SecretError> {
+        let slot = match self.files.get(path) {
+            Some(s) => s.clone(),
+            None => {
+                // Not seen at load (e.g. a policy reloaded by another path): read it now.
+                self.load(path)?;
+                self.files
+                    .get(path)
+                    .map(|s| s.clone())
+                    .ok_or_else(|| SecretError::Read {
+                        path: path.to_owned(),
+                        source: std::io::Error::other("secret not loaded"),
+                    })?
+            }
+        };
+        let current = slot.load_full();
+        let current = match stamp(path) {
+            Ok(now) if now != current.stamp => match read_secret(path) {
+                Ok((stamp, value)) => {
+                    tracing::info!(file = %path.display(), "secret file changed; using the new value");
+                    let fresh = Arc::new(Loaded { stamp, value });
+                    slot.store(fresh.clone());
+                    fresh
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "secret file changed but cannot be read; keeping the previous value");
+                    current
+                }
+            },
+            Ok(_) => current,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "secret file not readable; keeping the previous value");
+                current
+            }
+        };
+        let mut value = String::with_capacity(prefix.len() + current.value.expose_secret().len());
+        value.push_str(prefix);
+        value.push_str(current.value.expose_secret());
+        let mut hv = HeaderValue::from_str(&value).map_err(|_| SecretError::NotHeaderSafe {
+            path: path.to_owned(),
+        })?;
+        hv.set_sensitive(true);
+        Ok(hv)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_trims_and_follows_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sk-one\n").unwrap();
+        let s = Secrets::default();
+        s.load(&path).unwrap();
+        let v = s.header_value(&path, "Bearer ").unwrap();
+        assert_eq!(v.to_str().unwrap(), "Bearer sk-one");
+        assert!(v.is_sensitive());
+        // A different length guarantees a different stamp even within one mtime tick.
+        std::fs::write(&path, "sk-second\n").unwrap();
+        let v = s.header_value(&path, "Bearer ").unwrap();
+        assert_eq!(v.to_str().unwrap(), "Bearer sk-second");
+        // A vanished file keeps the last good value rather than dropping the credential.
+        std::fs::remove_file(&path).unwrap();
+        let v = s.header_value(&path, "").unwrap();
+        assert_eq!(v.to_str().unwrap(), "sk-second");
+    }
+
+    #[test]
+    fn errors_name_the_file_and_never_the_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Secrets::default();
+        let missing = dir.path().join("missing");
+        let e = s.load(&missing).unwrap_err().to_string();
+        assert!(e.contains("missing"), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(s.load(&empty).unwrap_err().to_string().contains("empty"));
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, "sk-\u{7}secret").unwrap();
+        let e = s.load(&bad).unwrap_err().to_string();
+        assert!(!e.contains("sk-"), "{e}");
+        assert!(!format!("{s:?}").contains("sk-"));
+    }
+}
