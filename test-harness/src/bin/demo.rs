@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use test_harness::agent::AgentClient;
 use test_harness::ca::TestCa;
 use test_harness::gateway::{GatewayOptions, TestGateway, GATEWAY_ID};
+use test_harness::llm_upstream::TlsLlm;
 use test_harness::spire::{SpireFixture, SpireOptions};
 use test_harness::upstream::{HttpEcho, TlsEcho};
 use test_harness::workload_api::FakeWorkloadApi;
@@ -21,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
 const CODING: &str = "spiffe://example.org/ns/ai-workloads/sa/coding-agent";
 
-fn policy(tls_port: u16, http_port: u16) -> String {
+fn policy(tls_port: u16, http_port: u16, llm: &LlmDemo) -> String {
     format!(
         r#"version: 1
 trust_domains: [example.org]
@@ -41,6 +42,16 @@ agents:
         destinations: ["localhost:{http_port}"]
         methods: [GET]
         allow_cidrs: [127.0.0.0/8, "::1/128"]
+      - name: llm-api               # L7: TLS upstream, injected key, models, token budget
+        destinations: ["localhost:{llm_port}"]
+        methods: [POST]
+        models: [gpt-4o-mini]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+        upstream:
+          ca_file: {llm_ca}
+          inject_headers:
+            authorization: {{ secret_file: {llm_secret}, prefix: "Bearer " }}
+        limits: {{ llm_tokens_per_hour: 100 }}
   - name: coding-agent
     id: {CODING}
     pathways:
@@ -48,9 +59,20 @@ agents:
         destinations: ["localhost:{http_port}"]
         methods: [POST]
         allow_cidrs: [127.0.0.0/8, "::1/128"]
-"#
+"#,
+        llm_port = llm.tls.upstream.addr.port(),
+        llm_ca = llm.tls.ca_file.path().display(),
+        llm_secret = llm.secret.path().display(),
     )
 }
+
+/// A fake OpenAI-compatible API over TLS (40 tokens per answer) and the API key file.
+struct LlmDemo {
+    tls: TlsLlm,
+    secret: tempfile::NamedTempFile,
+}
+
+const DEMO_KEY: &str = "sk-demo-not-a-real-key";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -78,7 +100,12 @@ async fn main() -> anyhow::Result<()> {
     let site_ca = TestCa::new("site.test");
     let site = TlsEcho::start(site_ca.mint_server_cert(&["localhost"])).await?;
     let internal = HttpEcho::start().await?;
-    let policy = policy(site.addr.port(), internal.addr.port());
+    let llm = LlmDemo {
+        tls: TlsLlm::start(40).await?,
+        secret: tempfile::NamedTempFile::new()?,
+    };
+    std::fs::write(llm.secret.path(), format!("{DEMO_KEY}\n"))?;
+    let policy = policy(site.addr.port(), internal.addr.port(), &llm);
 
     println!("== egress-gateway demo");
     match &provider {
@@ -189,6 +216,64 @@ async fn main() -> anyhow::Result<()> {
         .connect_tunnel(&format!("localhost:{}", site.addr.port()), &[])
         .await?;
     println!("   {} {}", t.status, String::from_utf8_lossy(&t.body));
+    pause().await;
+
+    step("research-agent: chat completions through pathway llm-api (the gateway injects the API key and counts tokens: 100 per hour, 40 per answer)");
+    let llm_url = format!(
+        "http://localhost:{}/v1/chat/completions",
+        llm.tls.upstream.addr.port()
+    );
+    let chat = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+    for i in 1..=4u64 {
+        let r = research
+            .request(
+                "POST",
+                &llm_url,
+                &[
+                    ("content-type", "application/json"),
+                    ("authorization", "Bearer agent-has-no-real-key"),
+                ],
+                chat.to_vec(),
+            )
+            .await?;
+        let retry = r
+            .header("retry-after")
+            .map(|s| format!(" (Retry-After: {s} s)"))
+            .unwrap_or_default();
+        println!(
+            "   request {i}: {}{retry} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        if r.status == 200 {
+            // Tokens are charged as the answer ends; wait for it before the next one.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while tokio::time::Instant::now() < deadline
+                && !gw
+                    .gateway()
+                    .limits()
+                    .snapshot()
+                    .iter()
+                    .any(|u| u.kind == "llm_tokens_per_hour" && u.used >= 40 * i)
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let seen = llm.tls.upstream.requests();
+    let injected = seen
+        .iter()
+        .all(|r| r.header("authorization") == Some(&format!("Bearer {DEMO_KEY}")));
+    println!(
+        "   the LLM API received {} requests, each with the injected key instead of the agent's: {injected}",
+        seen.len()
+    );
+    for u in gw.gateway().limits().snapshot() {
+        println!(
+            "   budget {}/{} {}: {} of {}",
+            u.agent, u.pathway, u.kind, u.used, u.limit
+        );
+    }
     pause().await;
 
     step("an agent of another trust domain (evil.org): refused at the TLS handshake");
