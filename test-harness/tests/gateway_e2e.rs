@@ -636,7 +636,7 @@ async fn upstream_connect_timeout_is_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pathways_with_upstream_settings_fail_closed_until_origination_exists() {
+async fn tls_origination_to_a_server_without_tls_fails_closed() {
     let up = upstreams().await;
     let secret = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret.path(), "sk-test").unwrap();
@@ -673,12 +673,12 @@ agents:
         )
         .await
         .unwrap();
+    // The pathway promises TLS upstream; a destination that does not speak it gets no
+    // request, and no credential, in clear text.
     assert_eq!(r.status, 502);
-    assert!(r.json().unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .contains("llm"));
-    // Nothing left the gateway in clear text.
     assert!(up.http.requests().is_empty());
+    let lines = w.gateway.wait_for_audit(1).await;
+    assert_eq!(lines[0]["pathway"], "llm");
+    assert!(!lines[0].to_string().contains("sk-test"), "secret in the audit line");
     w.shutdown().await;
 }
