@@ -5,7 +5,11 @@
 //! agent to the sidecar, mTLS from the sidecar to the gateway), compared with the direct
 //! mTLS client.
 //!
-//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar]`
+//! With `--l7`, instead: small OpenAI-style POSTs through a plain forwarded pathway and
+//! through an L7 pathway (TLS origination with a `ca_file`, an injected key, every limit
+//! incl. a token budget), then the same L7 pathway with limits shared through Redis.
+//!
+//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar | --l7]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,7 @@ struct Args {
     connections: usize,
     seconds: u64,
     via_sidecar: bool,
+    l7: bool,
 }
 
 fn args() -> Args {
@@ -29,9 +34,11 @@ fn args() -> Args {
         connections: 8,
         seconds: 5,
         via_sidecar: false,
+        l7: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     a.via_sidecar = argv.iter().any(|x| x == "--via-sidecar");
+    a.l7 = argv.iter().any(|x| x == "--l7");
     for w in argv.windows(2) {
         match w[0].as_str() {
             "--connections" => a.connections = w[1].parse().unwrap_or(a.connections),
@@ -189,6 +196,9 @@ where
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args();
+    if a.l7 {
+        return l7(&a).await;
+    }
     let echo = HttpEcho::start().await?;
     let port = echo.addr.port();
     let policy = format!(
@@ -301,6 +311,126 @@ async fn through_gateway(
             while Instant::now() < until {
                 let t = Instant::now();
                 match session.request("GET", &url, &[], Vec::new()).await {
+                    Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }
+    })
+    .await
+}
+
+const BENCH_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/bench-agent";
+
+/// L7 pathway overhead over a plain forwarded one, and Redis over in-memory limits.
+async fn l7(a: &Args) -> anyhow::Result<()> {
+    use test_harness::llm_upstream::{LlmTls, LlmUpstream, RedisServer, TlsLlm};
+    let plain_up = LlmUpstream::start(LlmTls::Plain, 10).await?;
+    let tls_up = TlsLlm::start(10).await?;
+    let secret = tempfile::NamedTempFile::new()?;
+    std::fs::write(secret.path(), "sk-bench-secret\n")?;
+    let policy = format!(
+        r#"version: 1
+trust_domains: [example.org]
+agents:
+  - name: bench-agent
+    id: {BENCH_AGENT}
+    pathways:
+      - name: plain
+        destinations: ["localhost:{}"]
+        allow_cidrs: [127.0.0.0/8]
+      - name: l7
+        destinations: ["localhost:{}"]
+        allow_cidrs: [127.0.0.0/8]
+        upstream:
+          ca_file: {}
+          inject_headers:
+            authorization: {{ secret_file: {}, prefix: "Bearer " }}
+        limits:
+          requests_per_minute: 1000000000
+          max_concurrent: 100000
+          max_request_body_bytes: 1048576
+          bytes_per_hour: 1000000000000
+          llm_tokens_per_hour: 1000000000000
+"#,
+        plain_up.addr.port(),
+        tls_up.upstream.addr.port(),
+        tls_up.ca_file.path().display(),
+        secret.path().display()
+    );
+    println!(
+        "{} keep-alive connections, {} s each, small OpenAI-style POSTs with JSON usage",
+        a.connections, a.seconds
+    );
+    let plain_url = format!(
+        "http://localhost:{}/v1/chat/completions",
+        plain_up.addr.port()
+    );
+    let l7_url = format!(
+        "http://localhost:{}/v1/chat/completions",
+        tls_up.upstream.addr.port()
+    );
+
+    let mem = Arc::new(World::start(&policy).await?);
+    let plain = post_through(&mem, &plain_url, a.connections, a.seconds).await;
+    plain.print("forwarded");
+    let l7_mem = post_through(&mem, &l7_url, a.connections, a.seconds).await;
+    l7_mem.print("l7-memory");
+
+    let redis = RedisServer::start().await?;
+    let shared = Arc::new(
+        World::start_with(
+            &policy,
+            GatewayOptions {
+                extra_config: format!("limits_backend: {}\n", redis.url()),
+                ..Default::default()
+            },
+        )
+        .await?,
+    );
+    let l7_redis = post_through(&shared, &l7_url, a.connections, a.seconds).await;
+    l7_redis.print("l7-redis");
+    println!(
+        "ratio L7 pathway (TLS origination + injection + limits) / plain forwarded: throughput {:.2}, p50 latency {:.2}x, p99 latency {:.2}x",
+        l7_mem.rps() / plain.rps(),
+        l7_mem.pct(0.5).as_secs_f64() / plain.pct(0.5).as_secs_f64(),
+        l7_mem.pct(0.99).as_secs_f64() / plain.pct(0.99).as_secs_f64(),
+    );
+    println!(
+        "Redis limits over in-memory: p50 {:+.1} µs, p99 {:+.1} µs per request; throughput {:.2}",
+        (l7_redis.pct(0.5).as_secs_f64() - l7_mem.pct(0.5).as_secs_f64()) * 1e6,
+        (l7_redis.pct(0.99).as_secs_f64() - l7_mem.pct(0.99).as_secs_f64()) * 1e6,
+        l7_redis.rps() / l7_mem.rps(),
+    );
+    for w in [mem, shared] {
+        if let Ok(w) = Arc::try_unwrap(w) {
+            w.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn post_through(world: &Arc<World>, url: &str, connections: usize, seconds: u64) -> Report {
+    let w = world.clone();
+    let url = url.to_string();
+    let body = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    run(connections, seconds, move |until| {
+        let agent = w.agent(BENCH_AGENT).expect("agent client");
+        let (url, body) = (url.clone(), body.clone());
+        async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let Ok(mut session) = agent.session().await else {
+                return (lat, 1);
+            };
+            let headers = [
+                ("content-type", "application/json"),
+                ("authorization", "Bearer agent"),
+            ];
+            while Instant::now() < until {
+                let t = Instant::now();
+                match session.request("POST", &url, &headers, body.clone()).await {
                     Ok(r) if r.status == 200 => lat.push(t.elapsed()),
                     _ => errors += 1,
                 }
