@@ -50,6 +50,25 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub agent: String,
+    pub pathway: String,
+    /// `bytes_per_hour`, `llm_tokens_per_hour` or `max_concurrent`.
+    pub limit: &'static str,
+}
+
+/// One limit's consumption, read when `/metrics` is scraped.
+pub struct LimitReading {
+    pub agent: String,
+    pub pathway: String,
+    pub limit: &'static str,
+    pub used: u64,
+    pub max: u64,
+}
+
+type LimitsReader = Box<dyn Fn() -> Vec<LimitReading> + Send + Sync>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
     pub rule: String,
 }
@@ -67,6 +86,9 @@ pub struct Metrics {
     pub dry_run_matches: Family<RuleLabels, Counter>,
     pub spans_exported: Counter,
     pub spans_dropped: Counter,
+    pub limit_used: Family<LimitLabels, Gauge>,
+    pub limit_max: Family<LimitLabels, Gauge>,
+    limits_reader: std::sync::OnceLock<LimitsReader>,
 }
 
 /// Label value for "not applicable" (no agent matched, no rule fired).
@@ -146,7 +168,22 @@ impl Metrics {
             "Spans lost because the collector was down, slow or refusing",
             spans_dropped.clone(),
         );
+        let limit_used = Family::<LimitLabels, Gauge>::default();
+        registry.register(
+            "limit_used",
+            "Consumption of a pathway limit: this hour (budgets) or in flight (max_concurrent)",
+            limit_used.clone(),
+        );
+        let limit_max = Family::<LimitLabels, Gauge>::default();
+        registry.register(
+            "limit_max",
+            "The configured value of a pathway limit",
+            limit_max.clone(),
+        );
         Metrics {
+            limit_used,
+            limit_max,
+            limits_reader: std::sync::OnceLock::new(),
             registry,
             requests,
             duration,
@@ -219,8 +256,28 @@ impl Metrics {
             .inc();
     }
 
+    /// Where limit consumption is read from at scrape time (set once, at start-up).
+    pub fn set_limits_reader(&self, reader: LimitsReader) {
+        let _ = self.limits_reader.set(reader);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        if let Some(read) = self.limits_reader.get() {
+            for r in read() {
+                let labels = LimitLabels {
+                    agent: r.agent,
+                    pathway: r.pathway,
+                    limit: r.limit,
+                };
+                self.limit_used
+                    .get_or_create(&labels)
+                    .set(i64::try_from(r.used).unwrap_or(i64::MAX));
+                self.limit_max
+                    .get_or_create(&labels)
+                    .set(i64::try_from(r.max).unwrap_or(i64::MAX));
+            }
+        }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

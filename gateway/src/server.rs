@@ -108,6 +108,20 @@ pub async fn start_with(
     tracing::info!(path = %config.policy.display(), "policy loaded");
     let (audit, audit_writer) = AuditLog::open(&config.telemetry.audit_log).await?;
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
+    let reader = limits.clone();
+    telemetry.metrics.set_limits_reader(Box::new(move || {
+        reader
+            .snapshot()
+            .into_iter()
+            .map(|u| crate::metrics::LimitReading {
+                agent: u.agent,
+                pathway: u.pathway,
+                limit: u.kind,
+                used: u.used,
+                max: u.limit,
+            })
+            .collect()
+    }));
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, protocol = ?config.telemetry.otlp_protocol, "exporting traces with OTLP");
     }

@@ -389,3 +389,57 @@ async fn readyz_tells_the_truth_about_the_svid() {
     }
     w.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_consumption_is_exported_per_agent_and_pathway() {
+    let http = HttpEcho::start().await.unwrap();
+    let policy = format!(
+        r#"version: 1
+trust_domains: [example.org]
+agents:
+  - name: research-agent
+    id: {RESEARCH}
+    pathways:
+      - name: metered
+        destinations: ["localhost:{}"]
+        allow_cidrs: [127.0.0.0/8, "::1/128"]
+        limits:
+          bytes_per_hour: 100000
+          max_concurrent: 4
+"#,
+        http.addr.port()
+    );
+    let w = World::start(&policy).await.unwrap();
+    let agent = w.agent(RESEARCH).unwrap();
+    let url = format!("http://localhost:{}/metered", http.addr.port());
+    let r = agent
+        .request("POST", &url, &[], vec![b'x'; 500])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    w.gateway.wait_for_audit(1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let labels = [
+        ("agent", "research-agent"),
+        ("pathway", "metered"),
+        ("limit", "bytes_per_hour"),
+    ];
+    loop {
+        let m = w.gateway.metrics().await.unwrap();
+        let used = metric_value(&m, "egress_limit_used", &labels).unwrap_or(0.0);
+        if used >= 500.0 {
+            assert_eq!(
+                metric_value(&m, "egress_limit_max", &labels),
+                Some(100000.0),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumption not exported:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.shutdown().await;
+}
