@@ -679,6 +679,9 @@ agents:
     assert!(up.http.requests().is_empty());
     let lines = w.gateway.wait_for_audit(1).await;
     assert_eq!(lines[0]["pathway"], "llm");
-    assert!(!lines[0].to_string().contains("sk-test"), "secret in the audit line");
+    assert!(
+        !lines[0].to_string().contains("sk-test"),
+        "secret in the audit line"
+    );
     w.shutdown().await;
 }
