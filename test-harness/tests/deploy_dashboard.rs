@@ -37,6 +37,8 @@ agents:
         destinations: ["localhost:{http_port}"]
         methods: [GET, POST]
         allow_cidrs: [127.0.0.0/8, "::1/128"]
+        limits:
+          bytes_per_hour: 10000000
 "#
     )
 }
