@@ -201,30 +201,11 @@ impl GatewayConfig {
         overrides: &Overrides,
         env: &dyn Env,
     ) -> Result<Self, ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key: key.to_string(),
-            location: String::new(),
-            message,
-        };
-        let addr = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
-            value.parse().map_err(|_| {
-                bad(
-                    key,
-                    format!("`{value}` is not an address of the form ip:port"),
-                )
-            })
-        };
-        let duration = |key: &str, value: Option<&String>, default: Duration| match value {
-            None => Ok(default),
-            Some(v) => match humantime::parse_duration(v) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(bad(key, format!("`{v}` must be longer than zero"))),
-                Err(e) => Err(bad(
-                    key,
-                    format!("`{v}` is not a duration like 10s or 500ms ({e})"),
-                )),
-            },
+        let fields = Fields { origin };
+        let bad = |key: &str, message: String| fields.bad(key, message);
+        let addr = |key: &str, value: &str| fields.addr(key, value);
+        let duration = |key: &str, value: Option<&String>, default: Duration| {
+            fields.duration(key, value, default)
         };
 
         let listen_s = overrides
@@ -437,6 +418,51 @@ impl GatewayConfig {
             shutdown_grace,
             allow_cidrs,
         })
+    }
+}
+
+/// Builds the errors of one config file: each names the file and the key.
+pub(crate) struct Fields<'a> {
+    pub(crate) origin: &'a str,
+}
+
+impl Fields<'_> {
+    pub(crate) fn bad(&self, key: &str, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.to_string(),
+            key: key.to_string(),
+            location: String::new(),
+            message,
+        }
+    }
+
+    pub(crate) fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        value.parse().map_err(|_| {
+            self.bad(
+                key,
+                format!("`{value}` is not an address of the form ip:port"),
+            )
+        })
+    }
+
+    /// A positive duration such as `10s` or `500ms`, or `default` when absent.
+    pub(crate) fn duration(
+        &self,
+        key: &str,
+        value: Option<&String>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(self.bad(key, format!("`{v}` must be longer than zero"))),
+                Err(e) => Err(self.bad(
+                    key,
+                    format!("`{v}` is not a duration like 10s or 500ms ({e})"),
+                )),
+            },
+        }
     }
 }
 

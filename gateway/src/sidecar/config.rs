@@ -10,7 +10,7 @@ use std::time::Duration;
 use egress_policy::SpiffeId;
 use serde::Deserialize;
 
-use crate::config::{ConfigError, Env};
+use crate::config::{ConfigError, Env, Fields};
 
 /// Everything the sidecar needs to run.
 #[derive(Debug, Clone)]
@@ -112,30 +112,11 @@ impl SidecarConfig {
         o: &SidecarOverrides,
         env: &dyn Env,
     ) -> Result<Self, ConfigError> {
-        let bad = |key: &str, message: String| ConfigError::Invalid {
-            origin: origin.to_string(),
-            key: key.to_string(),
-            location: String::new(),
-            message,
-        };
-        let addr = |key: &str, value: &str| -> Result<SocketAddr, ConfigError> {
-            value.parse().map_err(|_| {
-                bad(
-                    key,
-                    format!("`{value}` is not an address of the form ip:port"),
-                )
-            })
-        };
-        let duration = |key: &str, value: Option<&String>, default: Duration| match value {
-            None => Ok(default),
-            Some(v) => match humantime::parse_duration(v) {
-                Ok(d) if !d.is_zero() => Ok(d),
-                Ok(_) => Err(bad(key, format!("`{v}` must be longer than zero"))),
-                Err(e) => Err(bad(
-                    key,
-                    format!("`{v}` is not a duration like 10s or 500ms ({e})"),
-                )),
-            },
+        let fields = Fields { origin };
+        let bad = |key: &str, message: String| fields.bad(key, message);
+        let addr = |key: &str, value: &str| fields.addr(key, value);
+        let duration = |key: &str, value: Option<&String>, default: Duration| {
+            fields.duration(key, value, default)
         };
 
         let listen = addr(
