@@ -53,17 +53,7 @@ pub fn run(args: SidecarArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    super::block_on(async move {
         let running = match sidecar::start(config).await {
             Ok(s) => s,
             Err(e) => {
