@@ -62,6 +62,13 @@ echo "install-spire: building SPIRE v$version into $dir (takes several minutes o
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp" "$dir/.spire-server.$$" "$dir/.spire-agent.$$"' EXIT
 
+# The binaries are cached, so Go's build and module caches (about 5 GB for SPIRE) are
+# never reused: keep them in the temporary folder, which is removed on exit.
+# EGRESS_KEEP_GO_CACHE=1 keeps the user's own caches instead.
+if [[ -z "${EGRESS_KEEP_GO_CACHE:-}" ]]; then
+  export GOCACHE="$tmp/go-build" GOMODCACHE="$tmp/go-mod" GOTMPDIR="$tmp"
+fi
+
 # Download first, so an unreachable checksum DB can be told apart from a build error.
 # Outside a module `go mod download` still verifies against the checksum DB.
 if ! (cd "$tmp" && go mod download "$module" 2>"$tmp/err"); then

@@ -13,3 +13,11 @@ pub mod spire;
 pub mod test_resolver;
 pub mod upstream;
 pub mod workload_api;
+
+/// True when the tools tests depend on (real SPIRE, redis-server, curl, the Python
+/// clients) must be present: `scripts/test.sh` installs them and sets
+/// `EGRESS_REQUIRE_DEPS=1`; CI systems set `CI`. Elsewhere a missing tool skips loudly.
+pub fn deps_required() -> bool {
+    std::env::var_os("EGRESS_REQUIRE_DEPS").is_some_and(|v| v == "1")
+        || std::env::var_os("CI").is_some()
+}

@@ -97,12 +97,12 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// For a test that needs real SPIRE: the binaries, or `None` after a loud message on
-/// stderr so the test can return early. With `CI` set a missing SPIRE is a failure:
-/// this panics instead.
+/// stderr so the test can return early. Under `scripts/test.sh` (which installs it)
+/// or with `CI` set, a missing SPIRE is a failure: this panics instead.
 pub fn require_spire() -> Option<SpireBinaries> {
     match SpireFixture::binaries() {
         Ok(bins) => Some(bins),
-        Err(missing) if std::env::var_os("CI").is_some() => {
+        Err(missing) if crate::deps_required() => {
             panic!("real SPIRE is required in CI: {missing}")
         }
         Err(missing) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use test_harness::agent::{AgentClient, AgentResponse};
 use test_harness::gateway::{GatewayOptions, World};
 use test_harness::llm_upstream::{LlmTls, LlmUpstream, RedisServer, TlsLlm};
+use test_harness::otlp::OtlpReceiver;
 
 const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
 const SUMMARIZER: &str = "spiffe://example.org/ns/ai-workloads/sa/summarizer";
@@ -74,7 +75,16 @@ async fn injected_credential_replaces_the_agents_over_verified_tls_and_stays_sec
         llm.ca_file.path().display(),
         secret.path().display()
     ));
-    let w = World::start(&policy).await.unwrap();
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let w = World::start_with(
+        &policy,
+        GatewayOptions {
+            otlp_endpoint: Some(otlp.endpoint()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let agent = w.agent(RESEARCH).unwrap();
     let port = llm.upstream.addr.port();
     for _ in 0..2 {
@@ -112,8 +122,21 @@ async fn injected_credential_replaces_the_agents_over_verified_tls_and_stays_sec
         .all(|l| l["pathway"] == "openai" && l["status"] == 200));
     let audit = std::fs::read_to_string(w.gateway.audit_path()).unwrap();
     let metrics = w.gateway.metrics().await.unwrap();
-    for text in [&audit, &metrics] {
+    // Every span attribute, as the collector received it.
+    let spans = otlp.wait_for_spans(3).await;
+    assert!(
+        spans
+            .iter()
+            .filter(|s| s.str("egress.pathway") == Some("openai"))
+            .count()
+            >= 3,
+        "{spans:?}"
+    );
+    let exported = format!("{spans:?}");
+    for text in [&audit, &metrics, &exported] {
         assert!(!text.contains(SECRET) && !text.contains("sk-rotated"));
+        // The agent's own key is dropped, never echoed either.
+        assert!(!text.contains("agent-own-key"));
     }
     w.shutdown().await;
 }
@@ -523,6 +546,10 @@ async fn redis_world(policy: &str, redis: &RedisServer, on_error: &str) -> World
 
 fn skip_without_redis() -> bool {
     if RedisServer::binary().is_none() {
+        assert!(
+            !test_harness::deps_required(),
+            "redis-server is required here (scripts/install-deps.sh installs it)"
+        );
         eprintln!("SKIPPED: redis-server not installed (scripts/install-deps.sh)");
         return true;
     }
@@ -631,4 +658,67 @@ async fn redis_outage_follows_on_backend_error() {
     assert_eq!(llm.requests().len(), 3);
     deny.shutdown().await;
     local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_redis_share_max_concurrent() {
+    if skip_without_redis() {
+        return;
+    }
+    let redis = RedisServer::start().await.unwrap();
+    let echo = tcp_echo().await;
+    let policy = pathway_policy(&format!(
+        r#"      - name: raw
+        destinations: ["127.0.0.1:{}"]
+        allow_cidrs: [127.0.0.0/8]
+        limits: {{ max_concurrent: 2 }}
+"#,
+        echo.port()
+    ));
+    let a = redis_world(&policy, &redis, "deny").await;
+    let b = redis_world(&policy, &redis, "deny").await;
+    let (agent_a, agent_b) = (a.agent(RESEARCH).unwrap(), b.agent(RESEARCH).unwrap());
+    let authority = format!("127.0.0.1:{}", echo.port());
+
+    let first = agent_a.connect_tunnel(&authority, &[]).await.unwrap();
+    assert_eq!(first.status, 200);
+    let second = agent_b.connect_tunnel(&authority, &[]).await.unwrap();
+    assert_eq!(second.status, 200);
+    // Each replica holds one; together they hold the pathway's two.
+    for agent in [&agent_a, &agent_b] {
+        let third = agent.connect_tunnel(&authority, &[]).await.unwrap();
+        assert_eq!(third.status, 429, "a third tunnel on either replica");
+        let body: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
+        assert!(
+            body["reason"].as_str().unwrap().contains("all replicas"),
+            "{body}"
+        );
+    }
+    // Open tunnels are audited when they end; the refusal already is.
+    let lines = b.gateway.wait_for_audit(1).await;
+    assert_eq!(lines[0]["status"], 429);
+    assert_eq!(lines[0]["limit"], "max_concurrent");
+
+    // Closing the tunnel on replica A frees its slot for replica B.
+    drop(first);
+    let mut reopened = None;
+    for _ in 0..200 {
+        let r = agent_b.connect_tunnel(&authority, &[]).await.unwrap();
+        if r.status == 200 {
+            reopened = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(reopened.is_some(), "the released slot never came back");
+    let used = b.gateway.metrics().await.unwrap();
+    assert!(
+        used.lines().any(|l| l.starts_with("egress_limit_used{")
+            && l.contains("limit=\"max_concurrent\"")
+            && l.ends_with(" 2")),
+        "{used}"
+    );
+    drop((second, reopened));
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -130,6 +130,7 @@ impl MemoryBackend {
         Verdict::Admit {
             bytes_used,
             tokens_used,
+            in_flight: None,
         }
     }
 

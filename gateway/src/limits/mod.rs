@@ -5,7 +5,7 @@
 //! Budgets are checked when a request or tunnel starts and charged as traffic moves,
 //! so a request in flight is never cut by tokens counted after it started; the next
 //! one is refused with 429 and `Retry-After` until the hourly window turns over.
-//! `max_concurrent` is counted per replica.
+//! With Redis, `max_concurrent` is shared too: each slot is a lease in Redis.
 
 pub mod memory;
 pub mod redis;
@@ -96,10 +96,21 @@ pub(crate) struct Budgets {
     pub tokens: Option<u64>,
 }
 
+impl Budgets {
+    fn any(&self) -> bool {
+        self.rpm.is_some() || self.bytes.is_some() || self.tokens.is_some()
+    }
+}
+
 /// What the backends answer at admission.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    Admit { bytes_used: u64, tokens_used: u64 },
+    Admit {
+        bytes_used: u64,
+        tokens_used: u64,
+        /// In flight on all replicas, this one included (shared backend only).
+        in_flight: Option<u64>,
+    },
     Refuse(LimitHit),
 }
 
@@ -110,7 +121,7 @@ pub struct Limits {
 
 struct Inner {
     memory: MemoryBackend,
-    shared: Option<RedisBackend>,
+    shared: Option<Arc<RedisBackend>>,
     on_error: OnBackendError,
     /// Last known consumption per (key, kind), for `snapshot`.
     observed: DashMap<(Key, &'static str), (u64, u64)>,
@@ -138,10 +149,10 @@ impl Limits {
         }
         let shared = RedisBackend::new(backend)?;
         tracing::info!(backend = %shared.display_url(), ?on_error, "limits shared through Redis");
-        Ok(Self::build(Some(shared), on_error))
+        Ok(Self::build(Some(Arc::new(shared)), on_error))
     }
 
-    fn build(shared: Option<RedisBackend>, on_error: OnBackendError) -> Self {
+    fn build(shared: Option<Arc<RedisBackend>>, on_error: OnBackendError) -> Self {
         Limits {
             inner: Arc::new(Inner {
                 memory: MemoryBackend::default(),
@@ -161,76 +172,121 @@ impl Limits {
             pathway: pathway.name.as_str().into(),
         };
         let l = &pathway.limits;
-        let permit = match l.max_concurrent {
-            Some(max) => Some(
-                self.inner
-                    .memory
-                    .acquire(&key, max)
-                    .ok_or_else(|| LimitHit {
-                        kind: LimitKind::MaxConcurrent,
-                        retry_after: 1,
-                        reason: format!(
-                            "{max} requests already in flight on pathway `{}`",
-                            key.pathway
-                        ),
-                    })?,
-            ),
-            None => None,
-        };
         let budgets = Budgets {
             rpm: l.requests_per_minute,
             bytes: l.bytes_per_hour,
             tokens: l.llm_tokens_per_hour,
         };
-        let mut local = false;
-        if budgets.rpm.is_some() || budgets.bytes.is_some() || budgets.tokens.is_some() {
-            let verdict = match &self.inner.shared {
-                None => self.inner.memory.admit(&key, budgets),
-                Some(shared) => match shared.admit(&key, budgets).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        self.backend_error(&e);
-                        match self.inner.on_error {
-                            OnBackendError::Deny => {
-                                return Err(LimitHit {
-                                    kind: LimitKind::Backend,
-                                    retry_after: 1,
-                                    reason: "the shared limits backend is unreachable; \
-                                             refusing (on_backend_error: deny)"
-                                        .into(),
-                                })
-                            }
-                            OnBackendError::AllowLocal => {
-                                local = true;
-                                self.inner.memory.admit(&key, budgets)
-                            }
+        let max = l.max_concurrent;
+        if max.is_none() && !budgets.any() {
+            return Ok(self.admission(key, budgets, false, Slot::None));
+        }
+        let (verdict, slot, local) = match &self.inner.shared {
+            None => {
+                let (verdict, slot) = self.admit_locally(&key, budgets, max)?;
+                (verdict, slot, false)
+            }
+            Some(shared) => match shared.admit(&key, budgets, max).await {
+                Ok((verdict, lease)) => {
+                    let slot = match (lease, max) {
+                        (Some(lease), Some(max)) => Slot::Shared(SharedSlot {
+                            lease: Some(lease),
+                            inner: self.inner.clone(),
+                            key: key.clone(),
+                            max: max.into(),
+                        }),
+                        _ => Slot::None,
+                    };
+                    (verdict, slot, false)
+                }
+                Err(e) => {
+                    self.backend_error(&e);
+                    match self.inner.on_error {
+                        OnBackendError::Deny => {
+                            return Err(LimitHit {
+                                kind: LimitKind::Backend,
+                                retry_after: 1,
+                                reason: "the shared limits backend is unreachable; \
+                                         refusing (on_backend_error: deny)"
+                                    .into(),
+                            })
+                        }
+                        OnBackendError::AllowLocal => {
+                            let (verdict, slot) = self.admit_locally(&key, budgets, max)?;
+                            (verdict, slot, true)
                         }
                     }
-                },
-            };
-            match verdict {
-                Verdict::Refuse(hit) => return Err(hit),
-                Verdict::Admit {
-                    bytes_used,
-                    tokens_used,
-                } => {
-                    if let Some(b) = budgets.bytes {
-                        self.observe(&key, LimitKind::BytesPerHour, bytes_used, b);
-                    }
-                    if let Some(t) = budgets.tokens {
-                        self.observe(&key, LimitKind::LlmTokensPerHour, tokens_used, t);
-                    }
                 }
+            },
+        };
+        match verdict {
+            Verdict::Refuse(hit) => Err(hit),
+            Verdict::Admit {
+                bytes_used,
+                tokens_used,
+                in_flight,
+            } => {
+                if let Some(b) = budgets.bytes {
+                    self.observe(&key, LimitKind::BytesPerHour, bytes_used, b);
+                }
+                if let Some(t) = budgets.tokens {
+                    self.observe(&key, LimitKind::LlmTokensPerHour, tokens_used, t);
+                }
+                if let (Some(n), Some(max)) = (in_flight, max) {
+                    self.observe(&key, LimitKind::MaxConcurrent, n, max.into());
+                }
+                Ok(self.admission(key, budgets, local, slot))
             }
         }
-        Ok(Admission {
+    }
+
+    /// Admission against this process's own counts: the concurrency slot first, then
+    /// budgets and rate.
+    fn admit_locally(
+        &self,
+        key: &Key,
+        budgets: Budgets,
+        max: Option<u32>,
+    ) -> Result<(Verdict, Slot), LimitHit> {
+        let slot = match max {
+            Some(max) => {
+                Slot::Local(
+                    self.inner
+                        .memory
+                        .acquire(key, max)
+                        .ok_or_else(|| LimitHit {
+                            kind: LimitKind::MaxConcurrent,
+                            retry_after: 1,
+                            reason: format!(
+                                "{max} requests already in flight on pathway `{}`",
+                                key.pathway
+                            ),
+                        })?,
+                )
+            }
+            None => Slot::None,
+        };
+        let verdict = if budgets.any() {
+            self.inner.memory.admit(key, budgets)
+        } else {
+            Verdict::Admit {
+                bytes_used: 0,
+                tokens_used: 0,
+                in_flight: None,
+            }
+        };
+        Ok((verdict, slot))
+    }
+
+    fn admission(&self, key: Key, budgets: Budgets, local: bool, slot: Slot) -> Admission {
+        Admission {
             limits: self.inner.clone(),
             key,
             budgets,
             local,
             charged: AtomicU64::new(0),
-            _permit: permit,
-        })
+            _slot: slot,
+        }
     }
 
     /// Consumption per agent, pathway and limit, for `/metrics`. Budgets show the last
@@ -251,7 +307,20 @@ impl Limits {
                 }
             })
             .collect();
-        out.extend(self.inner.memory.concurrency_snapshot());
+        // With Redis the shared in-flight count (in `observed`) is the one that counts;
+        // local slots only show for keys that never reached Redis.
+        let shared_rows: std::collections::HashSet<(String, String)> = out
+            .iter()
+            .filter(|u| u.kind == LimitKind::MaxConcurrent.as_str())
+            .map(|u| (u.agent.clone(), u.pathway.clone()))
+            .collect();
+        out.extend(
+            self.inner
+                .memory
+                .concurrency_snapshot()
+                .into_iter()
+                .filter(|u| !shared_rows.contains(&(u.agent.clone(), u.pathway.clone()))),
+        );
         out.sort_by(|a, b| (&a.agent, &a.pathway, a.kind).cmp(&(&b.agent, &b.pathway, b.kind)));
         out
     }
@@ -319,7 +388,41 @@ pub struct Admission {
     local: bool,
     /// Bytes already charged (tunnels charge as they go).
     charged: AtomicU64,
-    _permit: Option<memory::Permit>,
+    _slot: Slot,
+}
+
+/// The `max_concurrent` slot an admission holds until it is dropped (the fields
+/// are only ever dropped, which is what gives the slot back).
+enum Slot {
+    None,
+    Local(#[allow(dead_code)] memory::Permit),
+    Shared(#[allow(dead_code)] SharedSlot),
+}
+
+/// A slot leased in Redis. Dropping it gives the lease back in the background and
+/// records the in-flight count that is left, for `/metrics`.
+struct SharedSlot {
+    lease: Option<redis::Lease>,
+    inner: Arc<Inner>,
+    key: Key,
+    max: u64,
+}
+
+impl Drop for SharedSlot {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // the lease expires on its own
+        };
+        let (inner, key, max) = (self.inner.clone(), self.key.clone(), self.max);
+        rt.spawn(async move {
+            if let Some(left) = lease.release().await {
+                inner.observe(&key, LimitKind::MaxConcurrent, left, max);
+            }
+        });
+    }
 }
 
 /// How often an open tunnel charges what it moved and checks its byte budget.
