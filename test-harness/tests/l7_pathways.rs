@@ -722,3 +722,73 @@ async fn two_gateways_on_one_redis_share_max_concurrent() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A replica that dies mid-request never gives its slot back; its lease must expire
+/// while a live replica's lease, renewed in the background, must not.
+#[test]
+fn a_crashed_replicas_concurrency_slot_expires_and_a_live_ones_does_not() {
+    use egress_gateway::config::OnBackendError;
+    use egress_gateway::limits::{LimitKind, Limits, RedisBackend};
+    if skip_without_redis() {
+        return;
+    }
+    let runtime = |threads| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let main_rt = runtime(2);
+    let redis = main_rt.block_on(RedisServer::start()).unwrap();
+    let policy = egress_policy::Policy::from_yaml_str(
+        &pathway_policy(
+            "      - name: raw\n        destinations: [\"127.0.0.1:9\"]\n        limits: { max_concurrent: 1 }\n",
+        ),
+        "test",
+    )
+    .unwrap();
+    let pathway = policy.pathways().next().unwrap().clone();
+    // Renewed every 500 ms: a second of slack for a loaded machine.
+    let ttl = Duration::from_millis(1500);
+    let replica = || {
+        Limits::shared(
+            RedisBackend::new(&redis.url()).unwrap().with_lease_ttl(ttl),
+            OnBackendError::Deny,
+        )
+    };
+
+    // Replica A runs on its own runtime so that it can "crash" holding the slot.
+    let crashing_rt = runtime(1);
+    let a = replica();
+    let held = match crashing_rt.block_on(a.admit("research-agent", &pathway)) {
+        Ok(admission) => admission,
+        Err(hit) => panic!("first admission refused: {hit:?}"),
+    };
+    let b = replica();
+    let refused_by_b = |b: &Limits| {
+        main_rt.block_on(async {
+            match b.admit("research-agent", &pathway).await {
+                Ok(_) => None,
+                Err(hit) => Some(hit.kind),
+            }
+        })
+    };
+    // Alive, A renews its lease: after five TTLs the slot is still taken.
+    std::thread::sleep(ttl * 5);
+    assert_eq!(refused_by_b(&b), Some(LimitKind::MaxConcurrent));
+
+    // The crash: A's runtime (and its renewal task) stops; the slot is never released.
+    std::mem::forget(held);
+    drop(crashing_rt);
+    let started = std::time::Instant::now();
+    while refused_by_b(&b) == Some(LimitKind::MaxConcurrent) {
+        assert!(
+            started.elapsed() < ttl * 10,
+            "the dead replica's slot never expired"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(a);
+    main_rt.block_on(async move { drop(redis) });
+}

@@ -152,6 +152,11 @@ impl Limits {
         Ok(Self::build(Some(Arc::new(shared)), on_error))
     }
 
+    /// Shared through an already-built Redis backend.
+    pub fn shared(backend: RedisBackend, on_error: OnBackendError) -> Self {
+        Self::build(Some(Arc::new(backend)), on_error)
+    }
+
     fn build(shared: Option<Arc<RedisBackend>>, on_error: OnBackendError) -> Self {
         Limits {
             inner: Arc::new(Inner {

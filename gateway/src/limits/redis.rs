@@ -98,6 +98,7 @@ pub struct RedisBackend {
     /// Makes lease ids unique across replicas (pods often all run as PID 1).
     instance: String,
     next_lease: AtomicU64,
+    lease_ttl: Duration,
 }
 
 impl RedisBackend {
@@ -119,7 +120,14 @@ impl RedisBackend {
             renewing: AtomicBool::new(false),
             instance: instance_id(),
             next_lease: AtomicU64::new(0),
+            lease_ttl: LEASE_TTL,
         })
+    }
+
+    /// Leases that expire sooner than [`LEASE_TTL`] (for tests of crash recovery).
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
     }
 
     /// The URL without a password, for logs.
@@ -208,7 +216,7 @@ impl RedisBackend {
                     .arg(left)
                     .arg(max_concurrent.unwrap_or(0))
                     .arg(id)
-                    .arg(LEASE_TTL.as_millis() as u64)
+                    .arg(self.lease_ttl.as_millis() as u64)
                     .invoke_async(&mut c)
                     .await
             })
@@ -307,7 +315,7 @@ impl RedisBackend {
         let _: i64 = self
             .run(|mut c| async move {
                 let mut call = script.prepare_invoke();
-                call.arg(LEASE_TTL.as_millis() as u64);
+                call.arg(self.lease_ttl.as_millis() as u64);
                 for (id, key) in &held {
                     call.key(key).arg(id);
                 }
@@ -391,7 +399,11 @@ impl Drop for Lease {
 /// Renews the backend's leases until the backend is gone. A failed renewal is retried
 /// on the next tick; leases it could not renew expire on their own.
 async fn renew_leases(backend: Weak<RedisBackend>) {
-    let mut tick = tokio::time::interval(LEASE_TTL / 3);
+    let every = match backend.upgrade() {
+        Some(b) => b.lease_ttl / 3,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
