@@ -59,6 +59,19 @@ fn hex(b: &[u8]) -> String {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<CapturedSpan>>>,
+    behaviour: Arc<std::sync::atomic::AtomicU8>,
+}
+
+/// How the receiver answers an export (collector failure modes short of an outage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Behaviour {
+    /// Records the spans and answers OK.
+    Accept = 0,
+    /// Never answers: a collector that hangs.
+    Stall = 1,
+    /// Answers `UNAVAILABLE` without recording: a collector shedding load.
+    Refuse = 2,
 }
 
 #[tonic::async_trait]
@@ -67,6 +80,11 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        match self.behaviour.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => std::future::pending::<()>().await,
+            2 => return Err(tonic::Status::unavailable("collector overloaded (test)")),
+            _ => {}
+        }
         let mut out = Vec::new();
         for rs in request.into_inner().resource_spans {
             let service_name = rs.resource.as_ref().and_then(|r| {
@@ -145,6 +163,13 @@ impl OtlpReceiver {
             stop: Some(stop_tx),
             task: Some(task),
         })
+    }
+
+    /// Changes how later exports are answered.
+    pub fn set_behaviour(&self, b: Behaviour) {
+        self.collector
+            .behaviour
+            .store(b as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// `http://127.0.0.1:PORT`, for `telemetry.otlp_endpoint`.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use test_harness::ca::{SvidOptions, TestCa};
 use test_harness::gateway::{admin_get, gateway_identity, GatewayOptions, World, GATEWAY_ID};
-use test_harness::otlp::OtlpReceiver;
+use test_harness::otlp::{Behaviour, OtlpReceiver};
 use test_harness::upstream::{HttpEcho, TlsEcho};
 use test_harness::workload_api::WorkloadIdentity;
 
@@ -322,6 +322,61 @@ async fn a_dead_collector_does_not_affect_traffic() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    w.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_or_refusing_collector_does_not_delay_traffic() {
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let (w, _tls, http) = start(Some(&otlp)).await;
+    let agent = w.agent(RESEARCH).unwrap();
+    let mut session = agent.session().await.unwrap();
+    let mut sent = 0;
+    for behaviour in [Behaviour::Stall, Behaviour::Refuse] {
+        otlp.set_behaviour(behaviour);
+        let url = format!("http://localhost:{}/{behaviour:?}", http.addr.port());
+        for _ in 0..30 {
+            // The exporter's own timeout is 3 s; a request that waited on it would
+            // take at least that long.
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                session.request("GET", &url, &[], Vec::new()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("a request waited on a collector that does {behaviour:?}"))
+            .unwrap();
+            assert_eq!(r.status, 200);
+            sent += 1;
+        }
+        // Let the batch go out (and fail) before the next behaviour.
+        w.gateway.gateway().telemetry().flush().await;
+    }
+    assert_eq!(w.gateway.wait_for_audit(sent).await.len(), sent);
+    let m = w.gateway.metrics().await.unwrap();
+    assert!(
+        metric_value(&m, "egress_otlp_spans_dropped_total", &[]).unwrap_or(0.0) >= 1.0,
+        "failed exports are counted:\n{m}"
+    );
+
+    // The collector recovers: new spans arrive again, without a restart.
+    otlp.set_behaviour(Behaviour::Accept);
+    let url = format!("http://localhost:{}/recovered", http.addr.port());
+    assert_eq!(
+        session
+            .request("GET", &url, &[], Vec::new())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    w.gateway.gateway().telemetry().flush().await;
+    let spans = otlp.wait_for_spans(1).await;
+    assert!(
+        spans.iter().any(|s| s.attributes.values().any(
+            |v| matches!(v, test_harness::otlp::AttrValue::Str(p) if p.contains("/recovered"))
+        )),
+        "{spans:?}"
+    );
     w.shutdown().await;
 }
 
