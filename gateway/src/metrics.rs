@@ -50,6 +50,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `denied` (`on_backend_error: deny`) or `counted_locally`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub agent: String,
     pub pathway: String,
@@ -88,6 +94,7 @@ pub struct Metrics {
     pub spans_dropped: Counter,
     pub limit_used: Family<LimitLabels, Gauge>,
     pub limit_max: Family<LimitLabels, Gauge>,
+    pub limits_backend_errors: Family<OutcomeLabels, Counter>,
     limits_reader: std::sync::OnceLock<LimitsReader>,
 }
 
@@ -180,9 +187,16 @@ impl Metrics {
             "The configured value of a pathway limit",
             limit_max.clone(),
         );
+        let limits_backend_errors = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "limits_backend_errors",
+            "Limit checks and charges the shared limits backend (Redis) failed, by what the gateway did instead",
+            limits_backend_errors.clone(),
+        );
         Metrics {
             limit_used,
             limit_max,
+            limits_backend_errors,
             limits_reader: std::sync::OnceLock::new(),
             registry,
             requests,

@@ -122,6 +122,12 @@ pub async fn start_with(
             })
             .collect()
     }));
+    let errors = telemetry.metrics.limits_backend_errors.clone();
+    limits.on_backend_error(Box::new(move |outcome| {
+        errors
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc();
+    }));
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, protocol = ?config.telemetry.otlp_protocol, "exporting traces with OTLP");
     }

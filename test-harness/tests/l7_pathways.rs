@@ -621,8 +621,30 @@ async fn two_gateways_on_one_redis_share_a_token_budget() {
     b.shutdown().await;
 }
 
+/// Sends requests back to back until `stop`; returns each one's status and, for a
+/// refusal, the limit its body names.
+async fn traffic(
+    agent: AgentClient,
+    port: u16,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Vec<(u16, String)> {
+    let mut seen = Vec::new();
+    while !*stop.borrow() {
+        let r = tokio::time::timeout(Duration::from_secs(5), post(&agent, port, chat("m", false)))
+            .await
+            .expect("a request hung while Redis went away");
+        let reason = r
+            .json()
+            .ok()
+            .and_then(|b| b["reason"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        seen.push((r.status, reason));
+    }
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_outage_follows_on_backend_error() {
+async fn redis_killed_mid_traffic_follows_on_backend_error() {
     if skip_without_redis() {
         return;
     }
@@ -633,29 +655,57 @@ async fn redis_outage_follows_on_backend_error() {
         r#"      - name: llm
         destinations: ["localhost:{port}"]
         allow_cidrs: [127.0.0.0/8]
-        limits: {{ requests_per_minute: 100 }}
+        limits: {{ requests_per_minute: 1000000, llm_tokens_per_hour: 1000000000 }}
 "#
     ));
     let deny = redis_world(&policy, &redis, "deny").await;
     let local = redis_world(&policy, &redis, "allow_local").await;
-    let (agent_d, agent_l) = (
-        deny.agent(RESEARCH).unwrap(),
-        local.agent(RESEARCH).unwrap(),
-    );
-    assert_eq!(post(&agent_d, port, chat("m", false)).await.status, 200);
-    assert_eq!(post(&agent_l, port, chat("m", false)).await.status, 200);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let d = tokio::spawn(traffic(deny.agent(RESEARCH).unwrap(), port, stop.clone()));
+    let l = tokio::spawn(traffic(local.agent(RESEARCH).unwrap(), port, stop));
 
+    // Both replicas are serving through Redis; then it dies under them.
+    for w in [&deny, &local] {
+        w.gateway.wait_for_audit(5).await;
+    }
     redis.kill().await;
-    let r = post(&agent_d, port, chat("m", false)).await;
-    assert_eq!(r.status, 429);
-    assert!(r.json().unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .contains("on_backend_error: deny"));
-    assert_eq!(post(&agent_l, port, chat("m", false)).await.status, 200);
-    let lines = deny.gateway.wait_for_audit(2).await;
-    assert_eq!(lines[1]["limit"], "limits_backend");
-    assert_eq!(llm.requests().len(), 3);
+    let before = deny.gateway.audit_lines().len();
+    // Long enough for several requests after the outage on each replica.
+    deny.gateway.wait_for_audit(before + 10).await;
+    let before = local.gateway.audit_lines().len();
+    local.gateway.wait_for_audit(before + 10).await;
+    stop_tx.send(true).unwrap();
+    let (d, l) = (d.await.unwrap(), l.await.unwrap());
+
+    // deny: served until the outage, then refused with 429 naming the backend; nothing
+    // else (no 5xx, no other limit).
+    let first_refusal = d
+        .iter()
+        .position(|(s, _)| *s != 200)
+        .expect("deny never refused");
+    assert!(first_refusal >= 5, "{d:?}");
+    for (status, reason) in &d[first_refusal..] {
+        assert_eq!(*status, 429, "{d:?}");
+        assert!(reason.contains("on_backend_error: deny"), "{reason}");
+    }
+    // allow_local: every request served, before and after.
+    assert!(l.iter().all(|(s, _)| *s == 200), "{l:?}");
+    let lines = deny.gateway.audit_lines();
+    assert!(lines
+        .iter()
+        .any(|l| l["status"] == 429 && l["limit"] == "limits_backend"));
+    // The outage shows in the metrics as well as the log.
+    let refused = d.len() - first_refusal;
+    let m = deny.gateway.metrics().await.unwrap();
+    let line = format!("egress_limits_backend_errors_total{{outcome=\"denied\"}} {refused}");
+    assert!(m.lines().any(|l| l == line), "no `{line}` in\n{m}");
+    let m = local.gateway.metrics().await.unwrap();
+    assert!(
+        m.lines()
+            .any(|l| l
+                .starts_with("egress_limits_backend_errors_total{outcome=\"counted_locally\"}")),
+        "{m}"
+    );
     deny.shutdown().await;
     local.shutdown().await;
 }

@@ -126,7 +126,11 @@ struct Inner {
     /// Last known consumption per (key, kind), for `snapshot`.
     observed: DashMap<(Key, &'static str), (u64, u64)>,
     last_backend_log: AtomicU64,
+    on_backend_error: std::sync::OnceLock<BackendErrorHook>,
 }
+
+/// What the gateway did when the shared backend failed: `denied` or `counted_locally`.
+pub type BackendErrorHook = Box<dyn Fn(&'static str) + Send + Sync>;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -165,6 +169,7 @@ impl Limits {
                 on_error,
                 observed: DashMap::new(),
                 last_backend_log: AtomicU64::new(0),
+                on_backend_error: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -205,7 +210,7 @@ impl Limits {
                     (verdict, slot, false)
                 }
                 Err(e) => {
-                    self.backend_error(&e);
+                    self.inner.backend_error(&e, self.inner.on_error);
                     match self.inner.on_error {
                         OnBackendError::Deny => {
                             return Err(LimitHit {
@@ -334,8 +339,10 @@ impl Limits {
         self.inner.observe(key, kind, used, limit);
     }
 
-    fn backend_error(&self, e: &LimitsError) {
-        self.inner.backend_error(e);
+    /// Called with what the gateway did each time the shared backend fails (for
+    /// metrics); set once, at start-up.
+    pub fn on_backend_error(&self, hook: BackendErrorHook) {
+        let _ = self.inner.on_backend_error.set(hook);
     }
 }
 
@@ -345,8 +352,15 @@ impl Inner {
             .insert((key.clone(), kind.as_str()), (used, limit));
     }
 
-    /// Logs backend failures, at most once every ten seconds.
-    fn backend_error(&self, e: &LimitsError) {
+    /// Reports a backend failure to the hook, and logs it at most once every ten
+    /// seconds. `handled` is what the gateway did about it.
+    fn backend_error(&self, e: &LimitsError, handled: OnBackendError) {
+        if let Some(hook) = self.on_backend_error.get() {
+            hook(match handled {
+                OnBackendError::Deny => "denied",
+                OnBackendError::AllowLocal => "counted_locally",
+            });
+        }
         let (w, left) = window_now();
         let now = w * WINDOW.as_secs() + (WINDOW.as_secs() - left);
         let last = self.last_backend_log.load(Ordering::Relaxed);
@@ -356,12 +370,12 @@ impl Inner {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            match self.on_error {
+            match handled {
                 OnBackendError::Deny => {
                     tracing::error!(error = %e, "limits backend unreachable: refusing limited requests (on_backend_error: deny)")
                 }
                 OnBackendError::AllowLocal => {
-                    tracing::warn!(error = %e, "limits backend unreachable: counting in this process only (on_backend_error: allow_local)")
+                    tracing::warn!(error = %e, "limits backend unreachable: counting in this process only")
                 }
             }
         }
@@ -373,7 +387,8 @@ impl Inner {
             (Some(shared), false) => match shared.charge(key, kind, n).await {
                 Ok(total) => total,
                 Err(e) => {
-                    self.backend_error(&e);
+                    // What was moved is charged somewhere, whatever on_backend_error says.
+                    self.backend_error(&e, OnBackendError::AllowLocal);
                     self.memory.charge(key, kind, n)
                 }
             },
