@@ -123,6 +123,12 @@ pub async fn start_with(
             .collect()
     }));
     let errors = telemetry.metrics.limits_backend_errors.clone();
+    // Both series exist from the start, so `rate()` and alerts see a 0, not nothing.
+    for outcome in ["denied", "counted_locally"] {
+        errors
+            .get_or_create(&crate::metrics::OutcomeLabels { outcome })
+            .inc_by(0);
+    }
     limits.on_backend_error(Box::new(move |outcome| {
         errors
             .get_or_create(&crate::metrics::OutcomeLabels { outcome })
