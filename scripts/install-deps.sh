@@ -17,6 +17,8 @@ fi
 if [ -x scripts/install-spire.sh ]; then
   scripts/install-spire.sh
 fi
+# The deployment tests render deploy/kubernetes with the real kustomize.
+scripts/install-kustomize.sh
 
 # Interop tests drive stock Python HTTP clients (requests, httpx) through the sidecar.
 # They live in their own venv outside the repository; tests find it at this path.

@@ -36,38 +36,21 @@ if command -v flock >/dev/null 2>&1; then
   if installed; then report_installed; exit 0; fi
 fi
 
-if ! command -v go >/dev/null 2>&1; then
-  for candidate in /usr/local/go/bin /usr/lib/go/bin; do
-    if [[ -x "$candidate/go" ]]; then PATH="$candidate:$PATH"; break; fi
-  done
-fi
-if ! command -v go >/dev/null 2>&1; then
-  echo "install-spire: 'go' not found. Install Go (SPIRE v$version needs the version in its go.mod, 1.26+)" >&2
-  echo "  and run scripts/install-spire.sh again." >&2
-  exit 1
-fi
+source scripts/go-env.sh
 # The server's sqlite datastore (mattn/go-sqlite3) is cgo-only.
 if ! command -v gcc >/dev/null 2>&1 && ! command -v cc >/dev/null 2>&1; then
   echo "install-spire: no C compiler; spire-server needs cgo for sqlite (apt-get install gcc)" >&2
   exit 1
 fi
 
-# A read-write module cache can be deleted with rm -rf.
-export GOFLAGS="${GOFLAGS:+$GOFLAGS }-modcacherw -buildvcs=false"
-export GOTOOLCHAIN="${GOTOOLCHAIN:-auto}"
 module="github.com/spiffe/spire@v$version"
 start=$(date +%s)
 echo "install-spire: building SPIRE v$version into $dir (takes several minutes on 2 cores)"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp" "$dir/.spire-server.$$" "$dir/.spire-agent.$$"' EXIT
-
-# The binaries are cached, so Go's build and module caches (about 5 GB for SPIRE) are
-# never reused: keep them in the temporary folder, which is removed on exit.
-# EGRESS_KEEP_GO_CACHE=1 keeps the user's own caches instead.
-if [[ -z "${EGRESS_KEEP_GO_CACHE:-}" ]]; then
-  export GOCACHE="$tmp/go-build" GOMODCACHE="$tmp/go-mod" GOTMPDIR="$tmp"
-fi
+# Go's caches (about 5 GB for SPIRE) go to $tmp.
+go_env "$tmp"
 
 # Download first, so an unreachable checksum DB can be told apart from a build error.
 # Outside a module `go mod download` still verifies against the checksum DB.

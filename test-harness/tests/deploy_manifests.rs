@@ -7,6 +7,8 @@
 //!   pod specs that pass it, the gateway's replicas, probes on the admin port, the
 //!   Workload API socket through the SPIFFE CSI driver, default-deny NetworkPolicies,
 //!   the PodDisruptionBudget, ClusterSPIFFEIDs that give the IDs the policy names.
+//! - The real `kustomize build` renders both kustomizations, and the gateway mounts the
+//!   ConfigMaps it generates by their final (hashed) names.
 //! - `docker-compose.yml` parses, and every file it mounts exists in the repository.
 //! - Every policy shipped with the deployment passes `policy check` (and its tests),
 //!   and every shipped `gateway.yaml` loads.
@@ -173,31 +175,37 @@ fn load_manifests() -> Manifests {
         m.files
             .insert(path.strip_prefix(k8s_dir()).unwrap().display().to_string());
         for (i, doc) in manifests.into_iter().enumerate() {
-            let origin = format!("{} (document {})", rel(&path), i + 1);
-            let api = doc["apiVersion"].as_str().unwrap_or_default();
-            let kind = doc["kind"].as_str().unwrap_or_default();
-            match (api, kind) {
-                ("v1", "Namespace") => m.namespaces.push(strict(doc, &origin)),
-                ("v1", "ServiceAccount") => m.service_accounts.push(strict(doc, &origin)),
-                ("apps/v1", "Deployment") => {
-                    m.deployments.push((origin.clone(), strict(doc, &origin)))
-                }
-                ("v1", "Service") => m.services.push(strict(doc, &origin)),
-                ("policy/v1", "PodDisruptionBudget") => m.pdbs.push(strict(doc, &origin)),
-                ("networking.k8s.io/v1", "NetworkPolicy") => {
-                    m.network_policies.push(strict(doc, &origin))
-                }
-                ("v1", "ConfigMap") => m.config_maps.push(strict(doc, &origin)),
-                ("v1", "Secret") => m.secrets.push(strict(doc, &origin)),
-                ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") => {
-                    check_cluster_spiffe_id(doc, &origin);
-                    m.cluster_spiffe_ids.push(doc.clone());
-                }
-                _ => panic!("{origin}: {api} {kind} is not a kind this test knows; add it"),
-            }
+            m.add(doc, &format!("{} (document {})", rel(&path), i + 1));
         }
     }
     m
+}
+
+impl Manifests {
+    /// Parses one manifest into its API type and files it by kind.
+    fn add(&mut self, doc: &Value, origin: &str) {
+        let api = doc["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        match (api, kind) {
+            ("v1", "Namespace") => self.namespaces.push(strict(doc, origin)),
+            ("v1", "ServiceAccount") => self.service_accounts.push(strict(doc, origin)),
+            ("apps/v1", "Deployment") => self
+                .deployments
+                .push((origin.to_string(), strict(doc, origin))),
+            ("v1", "Service") => self.services.push(strict(doc, origin)),
+            ("policy/v1", "PodDisruptionBudget") => self.pdbs.push(strict(doc, origin)),
+            ("networking.k8s.io/v1", "NetworkPolicy") => {
+                self.network_policies.push(strict(doc, origin))
+            }
+            ("v1", "ConfigMap") => self.config_maps.push(strict(doc, origin)),
+            ("v1", "Secret") => self.secrets.push(strict(doc, origin)),
+            ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") => {
+                check_cluster_spiffe_id(doc, origin);
+                self.cluster_spiffe_ids.push(doc.clone());
+            }
+            _ => panic!("{origin}: {api} {kind} is not a kind this test knows; add it"),
+        }
+    }
 }
 
 /// ClusterSPIFFEID is a CRD: no k8s-openapi type, so check its shape against the
@@ -1299,6 +1307,171 @@ fn the_dockerfile_builds_the_binary_into_a_non_root_image() {
             ".dockerignore: {line}"
         );
     }
+}
+
+// === Rendered by the real kustomize ===
+
+/// The kustomize binary `scripts/install-kustomize.sh` built, or `None` after a loud
+/// message (a failure under `scripts/test.sh` or in CI).
+fn kustomize() -> Option<PathBuf> {
+    let candidates = std::env::var_os("EGRESS_KUSTOMIZE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/egress-gateway/bin/kustomize")),
+        )
+        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("kustomize"))
+                .collect::<Vec<_>>()
+        }));
+    for c in candidates {
+        if c.is_file() {
+            return Some(c);
+        }
+    }
+    assert!(
+        !test_harness::deps_required(),
+        "kustomize is required here (scripts/install-kustomize.sh builds it)"
+    );
+    eprintln!("SKIPPED: kustomize not installed (scripts/install-kustomize.sh)");
+    None
+}
+
+/// `kustomize build DIR`, parsed into documents.
+fn kustomize_build(bin: &Path, dir: &Path) -> Vec<Value> {
+    let out = std::process::Command::new(bin)
+        .arg("build")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kustomize build {} failed:\n{}",
+        rel(dir),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+    docs.into_iter().filter(|d| !d.is_null()).collect()
+}
+
+#[test]
+fn kustomize_renders_the_deployment_with_its_generated_config_maps_wired_in() {
+    let Some(bin) = kustomize() else { return };
+    let docs = kustomize_build(&bin, &k8s_dir());
+    let mut rendered = Manifests::default();
+    for (i, doc) in docs.iter().enumerate() {
+        rendered.add(
+            doc,
+            &format!("kustomize build deploy/kubernetes (document {})", i + 1),
+        );
+    }
+    // Everything the files hold (but the example agent and the example Secret, which
+    // are applied on their own), plus the two generated ConfigMaps.
+    let files = load_manifests();
+    let gateway_only = |m: &Manifests| {
+        m.deployments
+            .iter()
+            .filter(|(_, d)| namespace_of(&d.metadata) == GATEWAY_NS)
+            .count()
+    };
+    assert_eq!(rendered.deployments.len(), 1);
+    assert_eq!(gateway_only(&rendered), gateway_only(&files));
+    assert!(rendered.secrets.is_empty());
+    assert_eq!(
+        rendered.network_policies.len(),
+        files.network_policies.len()
+    );
+    assert_eq!(
+        rendered.cluster_spiffe_ids.len(),
+        files.cluster_spiffe_ids.len()
+    );
+    assert_eq!(
+        rendered.config_maps.len(),
+        2,
+        "gateway.yaml and policy.yaml"
+    );
+
+    // The ConfigMaps carry the shipped files, byte for byte.
+    let cm = |prefix: &str| {
+        rendered
+            .config_maps
+            .iter()
+            .find(|c| c.metadata.name.as_deref().unwrap_or("").starts_with(prefix))
+            .unwrap_or_else(|| panic!("no generated ConfigMap {prefix}*"))
+    };
+    for (name, key, file) in [
+        (
+            "egress-gateway-config",
+            "gateway.yaml",
+            "config/gateway.yaml",
+        ),
+        ("egress-gateway-policy", "policy.yaml", "config/policy.yaml"),
+    ] {
+        let c = cm(name);
+        assert_eq!(namespace_of(&c.metadata), GATEWAY_NS);
+        let data = c.data.as_ref().and_then(|d| d.get(key)).unwrap();
+        assert_eq!(
+            data,
+            &std::fs::read_to_string(k8s_dir().join(file)).unwrap(),
+            "{name}: {key}"
+        );
+    }
+    // gateway.yaml's name carries a content hash (a change rolls the pods); the
+    // policy's does not (the kubelet updates it in place and the gateway reloads it).
+    assert_ne!(
+        cm("egress-gateway-config").metadata.name.as_deref(),
+        Some("egress-gateway-config")
+    );
+    assert_eq!(
+        cm("egress-gateway-policy").metadata.name.as_deref(),
+        Some("egress-gateway-policy")
+    );
+
+    // Every ConfigMap the gateway mounts is one kustomize rendered, by its final name.
+    let (_, d) = gateway_deployment(&rendered);
+    let names: BTreeSet<&str> = rendered
+        .config_maps
+        .iter()
+        .filter_map(|c| c.metadata.name.as_deref())
+        .collect();
+    let mounted: Vec<&str> = pod_spec(d)
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.config_map.as_ref().map(|c| c.name.as_str()))
+        .collect();
+    assert_eq!(mounted.len(), 2, "{mounted:?}");
+    for m in mounted {
+        assert!(
+            names.contains(m),
+            "the gateway mounts ConfigMap {m}, which kustomize did not render ({names:?})"
+        );
+    }
+    assert_eq!(
+        gateway_container(d).image.as_deref(),
+        Some("egress-gateway:0.1.0")
+    );
+
+    // The example agent renders on its own, in the agents' namespace.
+    let docs = kustomize_build(&bin, &k8s_dir().join("example-agent"));
+    let mut agent = Manifests::default();
+    for (i, doc) in docs.iter().enumerate() {
+        agent.add(
+            doc,
+            &format!(
+                "kustomize build deploy/kubernetes/example-agent (document {})",
+                i + 1
+            ),
+        );
+    }
+    assert_eq!(agent.deployments.len(), 1);
+    assert!(agent
+        .deployments
+        .iter()
+        .all(|(_, d)| namespace_of(&d.metadata) == AGENTS_NS));
 }
 
 // === docker-compose.yml ===
