@@ -335,3 +335,25 @@ impl TcpCounter {
         self.connections.load(Ordering::SeqCst)
     }
 }
+
+/// Echoes every byte back on each connection: a raw TCP destination for tunnels.
+pub struct TcpEcho {
+    pub addr: SocketAddr,
+    _task: Task,
+}
+
+impl TcpEcho {
+    pub async fn start() -> anyhow::Result<TcpEcho> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = spawn_accept_loop(
+            listener,
+            Arc::new(AtomicUsize::new(0)),
+            |mut tcp| async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            },
+        );
+        Ok(TcpEcho { addr, _task: task })
+    }
+}

@@ -7,6 +7,7 @@ use test_harness::agent::{AgentClient, AgentResponse};
 use test_harness::gateway::{GatewayOptions, World};
 use test_harness::llm_upstream::{LlmTls, LlmUpstream, RedisServer, TlsLlm};
 use test_harness::otlp::OtlpReceiver;
+use test_harness::upstream::TcpEcho;
 
 const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
 const SUMMARIZER: &str = "spiffe://example.org/ns/ai-workloads/sa/summarizer";
@@ -406,24 +407,11 @@ async fn request_limits_fire_at_their_threshold_and_not_before() {
     w.shutdown().await;
 }
 
-async fn tcp_echo() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tunnels_hold_concurrency_and_are_closed_when_the_byte_budget_is_spent() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = tcp_echo().await;
+    let echo_server = TcpEcho::start().await.unwrap();
+    let echo = echo_server.addr;
     let policy = pathway_policy(&format!(
         r#"      - name: raw
         destinations: ["127.0.0.1:{}"]
@@ -716,7 +704,8 @@ async fn two_gateways_on_one_redis_share_max_concurrent() {
         return;
     }
     let redis = RedisServer::start().await.unwrap();
-    let echo = tcp_echo().await;
+    let echo_server = TcpEcho::start().await.unwrap();
+    let echo = echo_server.addr;
     let policy = pathway_policy(&format!(
         r#"      - name: raw
         destinations: ["127.0.0.1:{}"]

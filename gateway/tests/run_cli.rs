@@ -1,0 +1,214 @@
+//! `egress-gateway run` as an operator starts it: the real binary, its config file, the
+//! Workload API socket from `SPIFFE_ENDPOINT_SOCKET`, and real signals (SIGHUP reloads
+//! the policy, SIGTERM drains open tunnels and exits cleanly).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use test_harness::agent::AgentClient;
+use test_harness::ca::TestCa;
+use test_harness::gateway::{admin_get, gateway_identity, read_audit, GATEWAY_ID};
+use test_harness::upstream::{HttpEcho, TcpEcho};
+use test_harness::workload_api::FakeWorkloadApi;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+const RESEARCH: &str = "spiffe://example.org/ns/ai-workloads/sa/research-agent";
+
+fn policy(http_port: u16, echo_port: u16) -> String {
+    format!(
+        r#"version: 1
+trust_domains: [example.org]
+agents:
+  - name: research-agent
+    id: {RESEARCH}
+    pathways:
+      - name: docs
+        destinations: ["localhost:{http_port}"]
+        methods: [GET]
+        allow_cidrs: [127.0.0.0/8]
+      - name: raw
+        destinations: ["127.0.0.1:{echo_port}"]
+        allow_cidrs: [127.0.0.0/8]
+"#
+    )
+}
+
+/// The gateway's log (stderr), collected line by line.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for a line containing `needle`; returns it.
+    async fn wait_for(&self, needle: &str) -> String {
+        for _ in 0..300 {
+            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no log line with {needle:?}:\n{}", self.lines().join("\n"));
+    }
+}
+
+/// `key=value` from a log line.
+fn field(line: &str, key: &str) -> String {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 1;
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+async fn get(agent: &AgentClient, url: &str) -> u16 {
+    agent
+        .request("GET", url, &[], Vec::new())
+        .await
+        .unwrap()
+        .status
+}
+
+fn reloads(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("egress_policy_reloads_total{result=\"success\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn write_config(dir: &Path, policy: &str) -> std::path::PathBuf {
+    let policy_path = dir.join("policy.yaml");
+    std::fs::write(&policy_path, policy).unwrap();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\npolicy: {}\ntelemetry:\n  audit_log: {}\nshutdown_grace: 20s\n",
+            policy_path.display(),
+            dir.join("audit.log").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca))
+        .await
+        .unwrap();
+    let http = HttpEcho::start().await.unwrap();
+    let echo_server = TcpEcho::start().await.unwrap();
+    let echo = echo_server.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &policy(http.addr.port(), echo.port()));
+
+    // No `identity.workload_api` in the file: the socket comes from the environment.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-gateway"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let log = Log::default();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            sink.0.lock().unwrap().push(line);
+        }
+    });
+    let proxy: SocketAddr = field(
+        &log.wait_for("egress gateway listening").await,
+        "proxy_addr",
+    )
+    .parse()
+    .unwrap();
+    let admin: SocketAddr = field(&log.wait_for("admin listener up").await, "admin_addr")
+        .parse()
+        .unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await.unwrap().0, 200);
+
+    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+    let url = format!("http://localhost:{}/docs", http.addr.port());
+    assert_eq!(get(&agent, &url).await, 200);
+
+    // SIGHUP reloads (even an unchanged file) and does not stop the process.
+    let before = reloads(&admin_get(admin, "/metrics").await.unwrap().1);
+    signal(pid, "HUP");
+    log.wait_for("SIGHUP: reloading the policy").await;
+    let mut after = before;
+    for _ in 0..100 {
+        after = reloads(&admin_get(admin, "/metrics").await.unwrap().1);
+        if after > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(after, before + 1, "one successful reload per SIGHUP");
+    assert_eq!(get(&agent, &url).await, 200);
+
+    // SIGTERM with a tunnel open: the tunnel keeps working through the grace period,
+    // new connections are refused, and the process exits 0 once the tunnel closes.
+    let mut tunnel = agent
+        .connect_tunnel(&format!("127.0.0.1:{}", echo.port()), &[])
+        .await
+        .unwrap();
+    assert_eq!(tunnel.status, 200);
+    signal(pid, "TERM");
+    log.wait_for("shutting down").await;
+    let s = tunnel.stream.as_mut().unwrap();
+    s.write_all(b"still here").await.unwrap();
+    let mut buf = [0u8; 10];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still here");
+    assert!(
+        agent.request("GET", &url, &[], Vec::new()).await.is_err(),
+        "a draining gateway accepts no new connection"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), child.wait())
+            .await
+            .is_err(),
+        "exited while a tunnel was still open"
+    );
+    drop(tunnel);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the gateway did not exit after its last tunnel closed")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
+
+    // Everything was audited and flushed: two GETs and the tunnel.
+    let audit = read_audit(&dir.path().join("audit.log"));
+    assert_eq!(audit.len(), 3, "{audit:?}");
+    assert!(audit.iter().all(|l| l["source_spiffe_id"] == RESEARCH));
+    let tunnel_line = audit.iter().find(|l| l["kind"] == "connect").unwrap();
+    assert_eq!(tunnel_line["bytes_sent"], 10);
+    assert_eq!(tunnel_line["bytes_received"], 10);
+    api.shutdown().await;
+}
