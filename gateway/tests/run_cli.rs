@@ -1,6 +1,7 @@
-//! `egress-gateway run` as an operator starts it: the real binary, its config file, the
-//! Workload API socket from `SPIFFE_ENDPOINT_SOCKET`, and real signals (SIGHUP reloads
-//! the policy, SIGTERM drains open tunnels and exits cleanly).
+//! `egress-gateway run` and `egress-gateway sidecar` as an operator starts them: the real
+//! binary, its config file or documented flags, the Workload API socket from
+//! `SPIFFE_ENDPOINT_SOCKET`, and real signals (SIGHUP reloads the policy, SIGTERM drains
+//! open tunnels and exits cleanly).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -55,6 +56,29 @@ impl Log {
         }
         panic!("no log line with {needle:?}:\n{}", self.lines().join("\n"));
     }
+}
+
+/// Starts the binary with `args`, the Workload API socket in `SPIFFE_ENDPOINT_SOCKET`,
+/// and its log collected.
+fn spawn(args: &[&str], workload_api: &str) -> (tokio::process::Child, Log) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-gateway"))
+        .args(args)
+        .env("SPIFFE_ENDPOINT_SOCKET", workload_api)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            sink.0.lock().unwrap().push(line);
+        }
+    });
+    (child, log)
 }
 
 /// `key=value` from a log line.
@@ -121,25 +145,9 @@ async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
     let config = write_config(dir.path(), &policy(http.addr.port(), echo.port()));
 
     // No `identity.workload_api` in the file: the socket comes from the environment.
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-gateway"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let config_arg = config.display().to_string();
+    let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
     let pid = child.id().unwrap();
-    let log = Log::default();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(line)) = stderr.next_line().await {
-            sink.0.lock().unwrap().push(line);
-        }
-    });
     let proxy: SocketAddr = field(
         &log.wait_for("egress gateway listening").await,
         "proxy_addr",
@@ -211,4 +219,88 @@ async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
     assert_eq!(tunnel_line["bytes_sent"], 10);
     assert_eq!(tunnel_line["bytes_received"], 10);
     api.shutdown().await;
+}
+
+/// One plain-HTTP proxy request, as an agent's `HTTP_PROXY` client sends it.
+async fn proxy_request(proxy: SocketAddr, method: &str, url: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let host = url.trim_start_matches("http://").split('/').next().unwrap();
+    s.write_all(
+        format!("{method} {url} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.unwrap();
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_with_the_documented_flags_proxies_as_the_agent_and_stops_on_sigterm() {
+    let http = HttpEcho::start().await.unwrap();
+    let world = test_harness::gateway::World::start(&policy(http.addr.port(), 9))
+        .await
+        .unwrap();
+    // The agent's own Workload API: its SVID and the trust bundle.
+    let agent_api = FakeWorkloadApi::start_in_tempdir(
+        test_harness::workload_api::WorkloadIdentity::single(&world.ca, RESEARCH),
+    )
+    .await
+    .unwrap();
+    let gateway = world.gateway.proxy_addr().to_string();
+    let (mut child, log) = spawn(
+        &[
+            "sidecar",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--gateway",
+            &gateway,
+            "--gateway-id",
+            GATEWAY_ID,
+        ],
+        &agent_api.endpoint(),
+    );
+    let pid = child.id().unwrap();
+    let listen: SocketAddr = field(&log.wait_for("sidecar listening").await, "listen_addr")
+        .parse()
+        .unwrap();
+    let admin: SocketAddr = field(
+        &log.wait_for("sidecar admin listener up").await,
+        "admin_addr",
+    )
+    .parse()
+    .unwrap();
+    assert_eq!(admin_get(admin, "/readyz").await.unwrap().0, 200);
+
+    let url = format!("http://localhost:{}/docs", http.addr.port());
+    assert_eq!(proxy_request(listen, "GET", &url).await.0, 200);
+    let (status, body) = proxy_request(listen, "POST", &url).await;
+    assert_eq!(status, 403, "the gateway's refusal, relayed: {body}");
+    assert!(body.contains("egress_denied"), "{body}");
+    let audit = world.gateway.wait_for_audit(2).await;
+    assert!(
+        audit.iter().all(|l| l["source_spiffe_id"] == RESEARCH),
+        "{audit:?}"
+    );
+
+    signal(pid, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the sidecar did not stop on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
+    world.shutdown().await;
+    agent_api.shutdown().await;
 }
