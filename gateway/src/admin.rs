@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Never on the mTLS port.
+//! The admin listener: `/healthz`, `/readyz` and, for the gateway, `/metrics`. Never on
+//! the mTLS port. The sidecar serves the same endpoints without metrics.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
+/// Serves until `stop`; without `metrics`, `/metrics` is a 404.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
-    metrics: Arc<Metrics>,
+    metrics: Option<Arc<Metrics>>,
     stop: CancellationToken,
 ) {
     loop {
@@ -40,7 +42,7 @@ pub async fn serve(
             let service = service_fn(move |req| {
                 let health = health.clone();
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(route(&req, &health, &metrics)) }
+                async move { Ok::<_, Infallible>(route(&req, &health, metrics.as_deref())) }
             });
             let _ = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -51,38 +53,48 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    health: &Health,
+    metrics: Option<&Metrics>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
-    match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match health.not_ready_reason() {
+    match (req.uri().path(), metrics) {
+        ("/healthz", _) => text(StatusCode::OK, "ok\n".into()),
+        ("/readyz", _) => match health.not_ready_reason() {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {why}\n"),
             ),
         },
-        "/metrics" => {
-            if let Some(expiry) = health.svid_expiry() {
-                let secs = expiry
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0);
-                metrics.svid_expiry.set(secs);
-            }
-            let mut r = text(StatusCode::OK, metrics.encode());
-            r.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
-            r
-        }
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        ("/metrics", Some(metrics)) => scrape(health, metrics),
+        _ => not_found(),
     }
+}
+
+fn scrape(health: &Health, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if let Some(expiry) = health.svid_expiry() {
+        let secs = expiry
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics.svid_expiry.set(secs);
+    }
+    let mut r = text(StatusCode::OK, metrics.encode());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    text(StatusCode::NOT_FOUND, "not found\n".into())
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

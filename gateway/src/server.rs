@@ -150,7 +150,7 @@ pub async fn start_with(
     tokio::spawn(crate::admin::serve(
         admin,
         health.clone(),
-        telemetry.metrics.clone(),
+        Some(telemetry.metrics.clone()),
         stop_admin.clone(),
     ));
     tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz, /metrics)");

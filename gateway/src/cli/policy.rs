@@ -112,15 +112,20 @@ fn check(policies: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn test(policy: &Path, tests: &[PathBuf]) -> ExitCode {
-    let policy = match Policy::load_file(policy) {
-        Ok(p) => p,
-        Err(e) => {
-            for e in e.errors() {
-                eprintln!("error: {e}");
-            }
-            return ExitCode::from(INVALID_INPUT);
+/// Loads a policy, or prints every error in it and gives the exit code for bad input.
+fn load_or_report(path: &Path) -> Result<Policy, ExitCode> {
+    Policy::load_file(path).map_err(|e| {
+        for e in e.errors() {
+            eprintln!("error: {e}");
         }
+        ExitCode::from(INVALID_INPUT)
+    })
+}
+
+fn test(policy: &Path, tests: &[PathBuf]) -> ExitCode {
+    let policy = match load_or_report(policy) {
+        Ok(p) => p,
+        Err(code) => return code,
     };
     // Validate every test file before running any, so exit 2 means nothing ran.
     let mut files = Vec::new();
@@ -161,14 +166,9 @@ fn explain(
     model: Option<&str>,
     address: Option<std::net::SocketAddr>,
 ) -> ExitCode {
-    let policy = match Policy::load_file(policy) {
+    let policy = match load_or_report(policy) {
         Ok(p) => p,
-        Err(e) => {
-            for e in e.errors() {
-                eprintln!("error: {e}");
-            }
-            return ExitCode::from(INVALID_INPUT);
-        }
+        Err(code) => return code,
     };
     let source: SpiffeId = match source.parse() {
         Ok(id) => id,

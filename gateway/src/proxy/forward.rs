@@ -252,14 +252,9 @@ impl Proxy {
                 Err(refusal) => return refuse(ex, refusal),
             };
         }
-        let admission = match (&pathway, &decision.agent) {
-            (Some(p), Some(agent)) if !p.limits.is_empty() => {
-                match self.limits.admit(agent, p).await {
-                    Ok(a) => Some(a),
-                    Err(hit) => return refuse(ex, super::limit_refusal(hit)),
-                }
-            }
-            _ => None,
+        let admission = match self.admit(&decision).await {
+            Ok(a) => a,
+            Err(refusal) => return refuse(ex, refusal),
         };
         let allow = super::allowed_ranges(&decision, &self.global_allow);
 

@@ -108,6 +108,23 @@ impl Proxy {
         &self.limits
     }
 
+    /// Takes the decided pathway's limits (rate, concurrency slot, budgets) for one
+    /// request or tunnel; `None` when the pathway has no limits.
+    async fn admit(
+        &self,
+        decision: &Decision,
+    ) -> Result<Option<crate::limits::Admission>, Refusal> {
+        match (&decision.pathway, &decision.agent) {
+            (Some(p), Some(agent)) if !p.limits.is_empty() => self
+                .limits
+                .admit(agent, p)
+                .await
+                .map(Some)
+                .map_err(limit_refusal),
+            _ => Ok(None),
+        }
+    }
+
     /// Address ranges every pathway may reach (gateway.yaml `allow_cidrs`).
     pub fn with_global_allow(mut self, cidrs: Vec<ipnet::IpNet>) -> Self {
         self.registry = Arc::new(registry::Registry::with_global_allow(cidrs.clone()));

@@ -66,14 +66,9 @@ impl Proxy {
 
         // Limits hold for tunnels too: rate, concurrency (for the tunnel's life) and
         // the byte budget, which closes the tunnel once spent.
-        let admission = match (&decision.pathway, &decision.agent) {
-            (Some(p), Some(agent)) if !p.limits.is_empty() => {
-                match self.limits.admit(agent, p).await {
-                    Ok(a) => Some(a),
-                    Err(hit) => return refuse(ex, super::limit_refusal(hit)),
-                }
-            }
-            _ => None,
+        let admission = match self.admit(&decision).await {
+            Ok(a) => a,
+            Err(refusal) => return refuse(ex, refusal),
         };
         let allow = super::allowed_ranges(&decision, &self.global_allow);
         let (upstream, addr) = match self.dialer.dial(&target, &allow).await {

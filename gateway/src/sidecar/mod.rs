@@ -8,7 +8,6 @@
 //! direct mTLS client; the sidecar decides nothing itself and relays the gateway's
 //! answers (403, 429, 502, ...) unchanged.
 
-mod admin;
 mod config;
 mod proxy;
 mod upstream;
@@ -74,7 +73,12 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
     let admin = bind("admin", config.admin).await?;
     let admin_addr = local_addr("admin", config.admin, &admin)?;
     let stop_admin = CancellationToken::new();
-    tokio::spawn(admin::serve(admin, health.clone(), stop_admin.clone()));
+    tokio::spawn(crate::admin::serve(
+        admin,
+        health.clone(),
+        None,
+        stop_admin.clone(),
+    ));
     tracing::info!(%admin_addr, "sidecar admin listener up (/healthz, /readyz)");
 
     let identity = match IdentitySource::connect(&config.workload_api, config.startup_timeout).await
