@@ -79,7 +79,15 @@ impl Report {
     }
 }
 
-async fn direct_worker(addr: std::net::SocketAddr, until: Instant) -> (Vec<Duration>, usize) {
+/// GETs on one plain keep-alive HTTP/1.1 connection until `until`: `/bench` straight to
+/// the upstream, or an absolute-form URL to the sidecar as any `HTTP_PROXY` client
+/// sends it.
+async fn plain_worker(
+    addr: std::net::SocketAddr,
+    uri: String,
+    host: String,
+    until: Instant,
+) -> (Vec<Duration>, usize) {
     let mut lat = Vec::new();
     let mut errors = 0;
     let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
@@ -92,56 +100,7 @@ async fn direct_worker(addr: std::net::SocketAddr, until: Instant) -> (Vec<Durat
     };
     tokio::spawn(conn);
     while Instant::now() < until {
-        let req = hyper::Request::get("/bench")
-            .header("host", format!("localhost:{}", addr.port()))
-            .body(Empty::<Bytes>::new())
-            .expect("static request");
-        let t = Instant::now();
-        match send.send_request(req).await {
-            Ok(resp) => {
-                let ok = resp.status() == 200;
-                let _ = resp.into_body().collect().await;
-                if ok {
-                    lat.push(t.elapsed());
-                } else {
-                    errors += 1;
-                }
-            }
-            Err(_) => {
-                errors += 1;
-                break;
-            }
-        }
-    }
-    (lat, errors)
-}
-
-/// A plain HTTP proxy client on one keep-alive connection to the sidecar, sending
-/// absolute-form requests as any `HTTP_PROXY` client does.
-async fn sidecar_worker(
-    sidecar: std::net::SocketAddr,
-    url: String,
-    until: Instant,
-) -> (Vec<Duration>, usize) {
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    let Ok(tcp) = tokio::net::TcpStream::connect(sidecar).await else {
-        return (lat, 1);
-    };
-    let _ = tcp.set_nodelay(true);
-    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
-    else {
-        return (lat, 1);
-    };
-    tokio::spawn(conn);
-    let host = url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    while Instant::now() < until {
-        let req = hyper::Request::get(url.as_str())
+        let req = hyper::Request::get(uri.as_str())
             .header("host", host.as_str())
             .body(Empty::<Bytes>::new())
             .expect("static request");
@@ -220,7 +179,12 @@ agents:
 
     let addr = echo.addr;
     let direct = run(a.connections, a.seconds, move |until| {
-        direct_worker(addr, until)
+        plain_worker(
+            addr,
+            "/bench".into(),
+            format!("localhost:{}", addr.port()),
+            until,
+        )
     })
     .await;
     direct.print("direct");
@@ -266,8 +230,14 @@ agents:
         .await?;
         let proxy = sidecar.listen_addr();
         let url = url.clone();
+        let host = url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let side = run(a.connections, a.seconds, move |until| {
-            sidecar_worker(proxy, url.clone(), until)
+            plain_worker(proxy, url.clone(), host.clone(), until)
         })
         .await;
         side.print("sidecar");
