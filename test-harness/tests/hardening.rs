@@ -78,28 +78,45 @@ async fn tls_upstream() -> (TestCa, TlsEcho) {
     (ca, echo)
 }
 
+/// Opens a tunnel to `authority`, speaks TLS through it as `server_name` (which sets
+/// the SNI), sends one GET and returns the whole response; the tunnel is then closed.
+async fn https_get_through_tunnel(
+    agent: &AgentClient,
+    authority: &str,
+    server_name: &str,
+    up_ca: &TestCa,
+) -> String {
+    let t = agent.connect_tunnel(authority, &[]).await.unwrap();
+    assert_eq!(t.status, 200);
+    let mut tls = agent
+        .tls_through_tunnel(t.stream.unwrap(), server_name, &[up_ca.root_cert()])
+        .await
+        .unwrap();
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    tls.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_matching_the_connect_host_is_relayed_untouched() {
     let (up_ca, up) = tls_upstream().await;
     let w = World::start(&sni_policy(up.addr.port())).await.unwrap();
     let agent = w.agent(RESEARCH).unwrap();
-    let t = agent
-        .connect_tunnel(&format!("localhost:{}", up.addr.port()), &[])
-        .await
-        .unwrap();
-    assert_eq!(t.status, 200);
-    let mut tls = agent
-        .tls_through_tunnel(t.stream.unwrap(), "LocalHost", &[up_ca.root_cert()])
-        .await
-        .unwrap();
-    tls.write_all(b"GET /sni-ok HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
-    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let out = https_get_through_tunnel(
+        &agent,
+        &format!("localhost:{}", up.addr.port()),
+        "LocalHost",
+        &up_ca,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"));
     assert_eq!(up.snis_seen(), vec![Some("localhost".to_string())]);
-    drop(tls);
     let line = tunnel_line(&w.gateway.wait_for_audit(1).await);
     // (The agent hangs up without close_notify; that is the only error allowed.)
     assert!(
@@ -172,22 +189,15 @@ async fn ip_literal_tunnel_may_omit_sni() {
     let (up_ca, up) = tls_upstream().await;
     let w = World::start(&sni_policy(up.addr.port())).await.unwrap();
     let agent = w.agent(RESEARCH).unwrap();
-    let t = agent
-        .connect_tunnel(&format!("127.0.0.1:{}", up.addr.port()), &[])
-        .await
-        .unwrap();
-    assert_eq!(t.status, 200);
     // rustls sends no SNI for an IP address, as RFC 6066 requires.
-    let mut tls = agent
-        .tls_through_tunnel(t.stream.unwrap(), "127.0.0.1", &[up_ca.root_cert()])
-        .await
-        .unwrap();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
-    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    let out = https_get_through_tunnel(
+        &agent,
+        &format!("127.0.0.1:{}", up.addr.port()),
+        "127.0.0.1",
+        &up_ca,
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"));
     assert_eq!(up.snis_seen(), vec![None]);
 
     // A DNS name in the SNI of an IP-literal tunnel picks a virtual host the policy never saw.
