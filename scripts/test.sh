@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project on a fresh machine: installs what the tests need
-# (real SPIRE, redis-server, kustomize, curl, Python clients), then the whole Cargo test suite.
+# (real SPIRE, redis-server, kustomize, helm, promtool, curl, Python clients), then the whole
+# Cargo test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

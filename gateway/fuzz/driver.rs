@@ -497,7 +497,7 @@ fn policy_oracle(input: &[u8]) -> bool {
         ),
         (egress_policy::RequestKind::Http, "GET", "10.0.0.1", 80, "/"),
     ] {
-        let headers = vec![("content-type".to_string(), "application/json".to_string())];
+        let headers = egress_policy::HeaderView::new([("content-type", "application/json")]);
         let _ = policy.evaluate(&egress_policy::Request {
             source: &id,
             source_address: None,

@@ -3,14 +3,19 @@
 //! Records go through an unbounded channel to one writer task, so a slow disk never
 //! holds a request, and nothing accepted into the channel is lost: shutdown drains it
 //! and flushes before returning.
+//!
+//! A file log rotates by size when `audit_log_max_bytes` is set (`audit.log` moves to
+//! `audit.log.1`, `.1` to `.2`, ..., keeping `audit_log_keep` files; a line is never
+//! split between two files), and is reopened on request (SIGUSR1), after an external
+//! rotator such as logrotate moved it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::AuditSink;
+use crate::config::{AuditRotation, AuditSink};
 
 /// One audit line. Field names are part of the product contract.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -28,6 +33,10 @@ pub struct AuditRecord {
     pub host: String,
     pub port: u16,
     pub path: String,
+    /// True for a request the gateway read inside an agent's TLS it terminated
+    /// (interception), and for the tunnel that carried it when that tunnel failed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tls_intercepted: bool,
     /// `allow` or `deny`.
     pub decision: &'static str,
     /// False when a denial was only logged (audit mode); `decision` stays `deny`.
@@ -52,15 +61,47 @@ pub struct AuditRecord {
     /// The limit that fired, for 429 and 413.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit: Option<String>,
+    /// `gen_ai.system` of the API the request spoke (`openai`, `anthropic`,
+    /// `gcp.gemini`), on pathways with `models` or `llm_tokens_per_hour`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_provider: Option<&'static str>,
+    /// The model the request named (body `model`, or a Gemini path's `models/{model}:`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub llm_model: Option<String>,
+    /// The model the response named.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub llm_tokens: Option<u64>,
+    pub llm_response_model: Option<String>,
+    /// Tokens charged to `llm_tokens_per_hour`, as reported or estimated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_input_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_output_tokens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_total_tokens: Option<u64>,
+    /// `reported` (the provider's usage) or `estimated` (from the bytes, when no usage
+    /// could be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub llm_usage_source: Option<&'static str>,
+    /// On MCP pathways, one line per JSON-RPC message: its `method` (none for a
+    /// response the agent sends to a request of the server).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_method: Option<String>,
+    /// The tool a `tools/call` named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_tool: Option<String>,
+    /// The message's JSON-RPC `id`, as JSON text (`7`, `"abc"`); none for notifications.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mcp_request_id: Option<String>,
+    /// Metric label for the tool: the `mcp.tools` entry that allowed it, `other` for
+    /// tools the pathway does not list (labels stay bounded by the policy).
+    #[serde(skip)]
+    pub mcp_tool_label: Option<String>,
 }
 
 enum Msg {
     Record(Box<AuditRecord>),
     Flush(oneshot::Sender<()>),
+    Reopen(oneshot::Sender<Result<(), AuditError>>),
 }
 
 /// Cheap to clone; every clone feeds the same writer.
@@ -81,28 +122,40 @@ pub enum AuditError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot rotate audit log {path}: {source}")]
+    Rotate {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AuditLog {
     pub async fn open(sink: &AuditSink) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let out: Box<dyn AsyncWrite + Send + Unpin> = match sink {
-            AuditSink::Stdout => Box::new(tokio::io::stdout()),
-            AuditSink::File(path) => {
-                let file = tokio::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .await
-                    .map_err(|source| AuditError::Open {
-                        path: path.clone(),
-                        source,
-                    })?;
-                Box::new(file)
-            }
+        Self::open_rotating(sink, None).await
+    }
+
+    /// Like [`AuditLog::open`]; a file sink rotates by size when `rotation` is set.
+    pub async fn open_rotating(
+        sink: &AuditSink,
+        rotation: Option<AuditRotation>,
+    ) -> Result<(AuditLog, AuditWriter), AuditError> {
+        let out = match sink {
+            AuditSink::Stdout => Out::Stdout(BufWriter::new(Box::new(tokio::io::stdout()))),
+            AuditSink::File(path) => Out::File(AuditFile::open(path.clone(), rotation).await?),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_loop(rx, BufWriter::new(out)));
+        let task = tokio::spawn(write_loop(rx, out));
         Ok((AuditLog { tx }, AuditWriter { task }))
+    }
+
+    /// Flushes, closes and reopens a file log at its path (SIGUSR1, after logrotate
+    /// moved it); records keep their order across the switch. Nothing for stdout.
+    pub async fn reopen(&self) -> Result<(), AuditError> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Reopen(tx)).is_err() {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Ok(()))
     }
 
     pub fn record(&self, record: AuditRecord) {
@@ -127,10 +180,116 @@ impl AuditWriter {
     }
 }
 
-async fn write_loop(
-    mut rx: mpsc::UnboundedReceiver<Msg>,
-    mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
-) {
+/// Where the writer task writes.
+enum Out {
+    Stdout(BufWriter<Box<dyn AsyncWrite + Send + Unpin>>),
+    File(AuditFile),
+}
+
+impl Out {
+    async fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        match self {
+            Out::Stdout(w) => w.write_all(line).await,
+            Out::File(f) => f.write_line(line).await,
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::Stdout(w) => w.flush().await,
+            Out::File(f) => f.out.flush().await,
+        }
+    }
+}
+
+/// A file audit log: its path, the open file, and how much it holds.
+struct AuditFile {
+    path: PathBuf,
+    out: BufWriter<tokio::fs::File>,
+    size: u64,
+    rotation: Option<AuditRotation>,
+}
+
+impl AuditFile {
+    async fn open(path: PathBuf, rotation: Option<AuditRotation>) -> Result<Self, AuditError> {
+        let (out, size) = open_append(&path).await?;
+        Ok(AuditFile {
+            path,
+            out,
+            size,
+            rotation,
+        })
+    }
+
+    async fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let len = line.len() as u64;
+        if let Some(r) = self.rotation {
+            if self.size > 0 && self.size + len > r.max_bytes {
+                if let Err(e) = self.rotate(r.keep).await {
+                    // Better a file past its size than a lost record.
+                    tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the audit log");
+                }
+            }
+        }
+        self.out.write_all(line).await?;
+        self.size += len;
+        Ok(())
+    }
+
+    /// `path.{keep-1}` -> `path.{keep}`, ..., `path` -> `path.1`, then a new `path`.
+    async fn rotate(&mut self, keep: usize) -> Result<(), AuditError> {
+        let failed = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| AuditError::Rotate { path, source }
+        };
+        self.out.flush().await.map_err(failed(&self.path))?;
+        // The oldest kept file is overwritten by the next one down.
+        for n in (1..keep).rev() {
+            let from = numbered(&self.path, n);
+            match tokio::fs::rename(&from, numbered(&self.path, n + 1)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(AuditError::Rotate { path: from, source }),
+            }
+        }
+        tokio::fs::rename(&self.path, numbered(&self.path, 1))
+            .await
+            .map_err(failed(&self.path))?;
+        self.reopen().await
+    }
+
+    async fn reopen(&mut self) -> Result<(), AuditError> {
+        // Flush into the old file first: its lines stay where they were written.
+        let _ = self.out.flush().await;
+        let (out, size) = open_append(&self.path).await?;
+        self.out = out;
+        self.size = size;
+        Ok(())
+    }
+}
+
+fn numbered(path: &Path, n: usize) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+async fn open_append(path: &Path) -> Result<(BufWriter<tokio::fs::File>, u64), AuditError> {
+    let err = |source| AuditError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .await
+        .map_err(err)?;
+    let size = file.metadata().await.map_err(err)?.len();
+    Ok((BufWriter::new(file), size))
+}
+
+async fn write_loop(mut rx: mpsc::UnboundedReceiver<Msg>, mut out: Out) {
     let mut line = Vec::with_capacity(512);
     while let Some(msg) = rx.recv().await {
         let mut pending = Some(msg);
@@ -144,13 +303,27 @@ async fn write_loop(
                         continue;
                     }
                     line.push(b'\n');
-                    if let Err(e) = out.write_all(&line).await {
+                    if let Err(e) = out.write_line(&line).await {
                         tracing::error!(error = %e, "cannot write audit log");
                     }
                 }
                 Msg::Flush(done) => {
                     let _ = out.flush().await;
                     let _ = done.send(());
+                }
+                Msg::Reopen(done) => {
+                    let result = match &mut out {
+                        Out::Stdout(w) => {
+                            let _ = w.flush().await;
+                            Ok(())
+                        }
+                        Out::File(f) => f.reopen().await,
+                    };
+                    if let Err(e) = &result {
+                        // The old file stays open: records keep being written.
+                        tracing::error!(error = %e, "cannot reopen the audit log");
+                    }
+                    let _ = done.send(result);
                 }
             }
         }

@@ -59,6 +59,15 @@ struct RawConfig {
     #[serde(default)]
     allow_cidrs: Vec<String>,
     shutdown_grace: Option<String>,
+    interception: Option<RawInterception>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawInterception {
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    leaf_ttl: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -76,6 +85,8 @@ struct RawTelemetry {
     otlp_protocol: Option<String>,
     service_name: Option<String>,
     audit_log: Option<String>,
+    audit_log_max_bytes: Option<u64>,
+    audit_log_keep: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -85,6 +96,7 @@ struct RawTimeouts {
     request_header: Option<String>,
     connect: Option<String>,
     idle: Option<String>,
+    response: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -121,6 +133,8 @@ pub struct Timeouts {
     pub request_header: Duration,
     pub connect: Duration,
     pub idle: Duration,
+    /// Time to an upstream's response headers (a pathway may set its own).
+    pub response: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +150,28 @@ pub struct Telemetry {
     pub otlp_protocol: OtlpProtocol,
     pub service_name: String,
     pub audit_log: AuditSink,
+    /// Size-based rotation of a file `audit_log`; `None`: the file grows until an
+    /// external rotator (logrotate) moves it and sends SIGUSR1.
+    pub audit_rotation: Option<AuditRotation>,
+}
+
+/// `telemetry.audit_log_max_bytes` and `telemetry.audit_log_keep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRotation {
+    /// A line that would take the file past this size goes to a new file.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.log.1` is the newest); older ones are deleted.
+    pub keep: usize,
+}
+
+/// TLS interception for destinations an L7 pathway names: the CA that signs the
+/// per-host leaves agents see. The files are checked at start-up by the gateway
+/// (see [`crate::interception`]), not here, so config parsing stays file-free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interception {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub leaf_ttl: Duration,
 }
 
 /// The validated configuration the gateway runs with.
@@ -159,6 +195,7 @@ pub struct GatewayConfig {
     /// Ranges every pathway may reach despite the address guard (development
     /// clusters, tests); empty by default.
     pub allow_cidrs: Vec<ipnet::IpNet>,
+    pub interception: Option<Interception>,
 }
 
 /// Values given on the command line; they win over the file.
@@ -303,6 +340,41 @@ impl GatewayConfig {
             Some("") => return Err(bad("telemetry.audit_log", "must not be empty".into())),
             Some(path) => AuditSink::File(PathBuf::from(path)),
         };
+        let audit_rotation = match (
+            &audit_log,
+            raw.telemetry.audit_log_max_bytes,
+            raw.telemetry.audit_log_keep,
+        ) {
+            (_, None, None) => None,
+            (_, None, Some(_)) => {
+                return Err(bad(
+                    "telemetry.audit_log_keep",
+                    "needs telemetry.audit_log_max_bytes (rotation is by size)".into(),
+                ))
+            }
+            (AuditSink::Stdout, Some(_), _) => {
+                return Err(bad(
+                    "telemetry.audit_log_max_bytes",
+                    "rotation needs a file audit_log, not stdout".into(),
+                ))
+            }
+            (AuditSink::File(_), Some(0), _) => {
+                return Err(bad(
+                    "telemetry.audit_log_max_bytes",
+                    "must be positive".into(),
+                ))
+            }
+            (AuditSink::File(_), Some(_), Some(0)) => {
+                return Err(bad(
+                    "telemetry.audit_log_keep",
+                    "must be at least 1 (the file rotated last)".into(),
+                ))
+            }
+            (AuditSink::File(_), Some(max_bytes), keep) => Some(AuditRotation {
+                max_bytes,
+                keep: keep.unwrap_or(5),
+            }),
+        };
 
         let timeouts = Timeouts {
             handshake: duration(
@@ -325,9 +397,19 @@ impl GatewayConfig {
                 raw.timeouts.idle.as_ref(),
                 Duration::from_secs(300),
             )?,
+            response: duration(
+                "timeouts.response",
+                raw.timeouts.response.as_ref(),
+                Duration::from_secs(60),
+            )?,
         };
 
-        let limits_backend = raw.limits_backend.unwrap_or_else(|| "memory".into());
+        // From the environment when the file leaves it out: a Kubernetes Secret can hold a
+        // Redis URL with its password, which a ConfigMap should not.
+        let limits_backend = raw
+            .limits_backend
+            .or_else(|| env.var("EGRESS_LIMITS_BACKEND"))
+            .unwrap_or_else(|| "memory".into());
         if limits_backend != "memory"
             && !(limits_backend.starts_with("redis://") || limits_backend.starts_with("rediss://"))
         {
@@ -398,6 +480,40 @@ impl GatewayConfig {
             allow_cidrs.push(net);
         }
 
+        let interception = match raw.interception {
+            None => None,
+            Some(raw) => {
+                let ca_cert = raw.ca_cert.ok_or_else(|| {
+                    bad(
+                        "interception.ca_cert",
+                        "not set: give the PEM file of the interception CA certificate".into(),
+                    )
+                })?;
+                let ca_key = raw.ca_key.ok_or_else(|| {
+                    bad(
+                        "interception.ca_key",
+                        "not set: give the PEM file of the interception CA's private key".into(),
+                    )
+                })?;
+                let leaf_ttl = duration(
+                    "interception.leaf_ttl",
+                    raw.leaf_ttl.as_ref(),
+                    Duration::from_secs(24 * 3600),
+                )?;
+                if leaf_ttl < Duration::from_secs(60) {
+                    return Err(bad(
+                        "interception.leaf_ttl",
+                        "must be at least 1m (leaves are renewed at 80 % of their life)".into(),
+                    ));
+                }
+                Some(Interception {
+                    ca_cert,
+                    ca_key,
+                    leaf_ttl,
+                })
+            }
+        };
+
         Ok(GatewayConfig {
             listen,
             admin,
@@ -410,6 +526,7 @@ impl GatewayConfig {
                 otlp_protocol,
                 service_name,
                 audit_log,
+                audit_rotation,
             },
             timeouts,
             limits_backend,
@@ -417,6 +534,7 @@ impl GatewayConfig {
             resource_limits,
             shutdown_grace,
             allow_cidrs,
+            interception,
         })
     }
 }
@@ -579,6 +697,68 @@ on_backend_error: deny
         ] {
             let err = load(yaml).unwrap_err().to_string();
             assert!(err.contains(&format!("`{key}`")), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn limits_backend_comes_from_the_file_then_the_environment() {
+        let with = |vars: &[(&'static str, &'static str)]| {
+            let mut e = env();
+            e.0.extend(vars.iter().copied());
+            e
+        };
+        let from_env = with(&[("EGRESS_LIMITS_BACKEND", "redis://redis:6379/0")]);
+        let cfg =
+            GatewayConfig::from_yaml_str("policy: p.yaml\n", "g", &Overrides::default(), &from_env)
+                .unwrap();
+        assert_eq!(cfg.limits_backend, "redis://redis:6379/0");
+        let cfg = GatewayConfig::from_yaml_str(
+            "policy: p.yaml\nlimits_backend: memory\n",
+            "g",
+            &Overrides::default(),
+            &from_env,
+        )
+        .unwrap();
+        assert_eq!(cfg.limits_backend, "memory", "the file wins");
+        assert_eq!(load("policy: p.yaml\n").unwrap().limits_backend, "memory");
+    }
+
+    #[test]
+    fn audit_rotation_needs_a_file_and_a_size() {
+        let cfg = load("policy: p.yaml\ntelemetry: { audit_log: /var/log/a.log, audit_log_max_bytes: 1048576 }\n").unwrap();
+        assert_eq!(
+            cfg.telemetry.audit_rotation,
+            Some(AuditRotation {
+                max_bytes: 1_048_576,
+                keep: 5
+            })
+        );
+        assert_eq!(
+            load("policy: p.yaml\n").unwrap().telemetry.audit_rotation,
+            None
+        );
+        for (telemetry, key) in [
+            (
+                "{ audit_log_max_bytes: 1000 }",
+                "telemetry.audit_log_max_bytes",
+            ),
+            (
+                "{ audit_log: a.log, audit_log_keep: 3 }",
+                "telemetry.audit_log_keep",
+            ),
+            (
+                "{ audit_log: a.log, audit_log_max_bytes: 0 }",
+                "telemetry.audit_log_max_bytes",
+            ),
+            (
+                "{ audit_log: a.log, audit_log_max_bytes: 10, audit_log_keep: 0 }",
+                "telemetry.audit_log_keep",
+            ),
+        ] {
+            let err = load(&format!("policy: p.yaml\ntelemetry: {telemetry}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("`{key}`")), "{telemetry}: {err}");
         }
     }
 

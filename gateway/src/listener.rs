@@ -21,6 +21,7 @@ use crate::identity::{peer_spiffe_id, SpiffeRejection};
 use crate::metrics::Metrics;
 use crate::proxy::registry::ConnectionHold;
 use crate::proxy::{PeerIdentity, Proxy};
+use crate::request_head::{self, HeadLimits};
 
 pub struct Listener {
     tcp: TcpListener,
@@ -142,16 +143,33 @@ impl Listener {
 
         // Both slots are released when the connection and every tunnel it opened are done.
         let hold = ConnectionHold(Arc::new((permit, agent_slot)));
-        let registered = self.proxy.registry().register_connection(&peer.spiffe_id);
+        let registered = self
+            .proxy
+            .registry()
+            .register_connection(&peer, peer_credential(&tls));
         let proxy = self.proxy.clone();
+        // Heads are read and checked by the guard (exact size cap, JSON refusals with an
+        // audit line, header timer only while a head arrives); hyper's own timer stays
+        // off because it also runs on idle keep-alive connections.
+        let (tls, heads) = request_head::guard(
+            tls,
+            HeadLimits {
+                max_head_bytes: self.limits.max_header_bytes,
+                header_timeout: self.timeouts.request_header,
+                idle_timeout: self.timeouts.idle,
+            },
+        );
         let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(hold.clone());
-            proxy.clone().handle(req, peer.clone())
+            proxy
+                .clone()
+                .handle_guarded(req, peer.clone(), heads.clone())
         });
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.timeouts.request_header)
+            .header_read_timeout(None)
+            .max_header_size(self.limits.max_header_bytes)
             .max_buf_size(self.limits.max_header_bytes)
             .keep_alive(true);
         let conn = builder
@@ -170,12 +188,22 @@ impl Listener {
                 let _ = conn.await;
             }
             why = registered.closed() => {
-                tracing::warn!(peer = %addr, reason = %why, "closing connection after policy reload");
+                // A policy reload no longer admits the peer, or its certificate expired
+                // or stopped verifying (`proxy::peer_lifetime`).
+                tracing::warn!(peer = %addr, reason = %why, "closing connection");
                 conn.as_mut().graceful_shutdown();
                 let _ = conn.await;
             }
         }
     }
+}
+
+/// The chain the peer authenticated with, kept so the connection (and its tunnels)
+/// end when it expires or stops verifying.
+fn peer_credential(
+    tls: &tokio_rustls::server::TlsStream<TcpStream>,
+) -> Option<crate::identity::PeerCredential> {
+    crate::identity::PeerCredential::from_chain(tls.get_ref().1.peer_certificates()?)
 }
 
 /// A bounded name for why a handshake failed, for the metric label.
@@ -202,8 +230,31 @@ fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
             }
         }
         Error::InvalidCertificate(_) => "bad_certificate",
+        // The client refused the gateway's certificate (wrong bundle, expired SVID,
+        // unexpected SPIFFE ID): a configuration problem on one side, not garbage.
+        Error::AlertReceived(alert) if rejects_certificate(*alert) => "peer_rejected_certificate",
         _ => "protocol_error",
     }
+}
+
+/// TLS alerts a peer sends when it does not accept the certificate it was shown.
+/// `DecryptError` is what rustls sends when a chain's signature does not verify, as
+/// when the client's bundle holds a different CA under the same name (a stale bundle
+/// after a CA rotation); during the handshake it refers to the gateway's credentials.
+fn rejects_certificate(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::DecryptError
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::BadCertificateStatusResponse
+    )
 }
 
 /// Increments a gauge for as long as it lives.

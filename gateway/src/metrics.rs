@@ -40,7 +40,24 @@ pub struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub agent: String,
+    pub pathway: String,
+    /// `input` (prompt) or `output` (completion) tokens.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// Why the gateway closed an open agent connection or tunnel on its own.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// `connection` (a keep-alive mTLS connection) or `tunnel`.
+    pub kind: &'static str,
+    /// `peer_certificate_expired` or `peer_no_longer_trusted`.
     pub reason: &'static str,
 }
 
@@ -74,10 +91,48 @@ pub struct LimitReading {
 
 type LimitsReader = Box<dyn Fn() -> Vec<LimitReading> + Send + Sync>;
 
+/// The (agent, pathway) pairs with a token budget in the policy in force.
+type TokenPathwaysReader = Box<dyn Fn() -> Vec<(String, String)> + Send + Sync>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RuleLabels {
     pub rule: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct McpLabels {
+    pub agent: String,
+    pub pathway: String,
+    /// The JSON-RPC method when it is one MCP defines, else `other`.
+    pub method: &'static str,
+    /// The `mcp.tools` entry that allowed the tool, `other` for an unlisted tool, empty
+    /// for methods without one.
+    pub tool: String,
+    pub decision: &'static str,
+}
+
+/// Method label values: the methods MCP defines; anything else is `other`.
+const MCP_METHODS: [&str; 19] = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+    "sampling/createMessage",
+    "elicitation/create",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -95,8 +150,32 @@ pub struct Metrics {
     pub limit_used: Family<LimitLabels, Gauge>,
     pub limit_max: Family<LimitLabels, Gauge>,
     pub limits_backend_errors: Family<OutcomeLabels, Counter>,
+    pub mcp_calls: Family<McpLabels, Counter>,
+    pub connections_closed: Family<ClosedLabels, Counter>,
+    pub interception_leaf_mints: Counter,
+    pub llm_tokens: Family<TokenLabels, Counter>,
     limits_reader: std::sync::OnceLock<LimitsReader>,
+    token_pathways_reader: std::sync::OnceLock<TokenPathwaysReader>,
 }
+
+/// Every `reason` of `egress_handshake_failures_total` the listener reports; each is
+/// exported at 0 from start-up, so alerts never see a missing series.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 14] = [
+    "io",
+    "timeout",
+    "no_client_certificate",
+    "expired",
+    "not_yet_valid",
+    "unknown_issuer",
+    "bad_signature",
+    "no_spiffe_id",
+    "trust_domain_not_accepted",
+    "no_trust_bundle",
+    "spiffe_rejected",
+    "bad_certificate",
+    "peer_rejected_certificate",
+    "protocol_error",
+];
 
 /// Label value for "not applicable" (no agent matched, no rule fired).
 const NONE: &str = "";
@@ -144,6 +223,12 @@ impl Metrics {
             "mTLS handshakes refused, by reason",
             handshake_failures.clone(),
         );
+        // Alerts read these from start-up: every series exists at 0 until it moves.
+        for reason in HANDSHAKE_FAILURE_REASONS {
+            handshake_failures
+                .get_or_create(&ReasonLabels { reason })
+                .inc_by(0);
+        }
         let svid_expiry = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "svid_expiry_timestamp",
@@ -157,6 +242,11 @@ impl Metrics {
             "Policy reloads by result (success, rejected)",
             policy_reloads.clone(),
         );
+        for result in ["success", "rejected"] {
+            policy_reloads
+                .get_or_create(&ResultLabels { result })
+                .inc_by(0);
+        }
         let dry_run_matches = Family::<RuleLabels, Counter>::default();
         registry.register(
             "dry_run_matches",
@@ -193,7 +283,44 @@ impl Metrics {
             "Limit checks and charges the shared limits backend (Redis) failed, by what the gateway did instead",
             limits_backend_errors.clone(),
         );
+        let interception_leaf_mints = Counter::default();
+        registry.register(
+            "interception_leaf_mints",
+            "Leaf certificates the interception CA signed (one per host, renewed at 80 % of its life)",
+            interception_leaf_mints.clone(),
+        );
+        let llm_tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "llm_tokens",
+            "LLM tokens charged to llm_tokens_per_hour budgets, by direction (input, output); reported by the provider or estimated",
+            llm_tokens.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "Agent connections and tunnels the gateway closed because the peer's certificate expired or no longer verifies against the trust bundle",
+            connections_closed.clone(),
+        );
+        // Every series exists from the start, so `rate()` and alerts see a 0.
+        for kind in ["connection", "tunnel"] {
+            for reason in ["peer_certificate_expired", "peer_no_longer_trusted"] {
+                connections_closed
+                    .get_or_create(&ClosedLabels { kind, reason })
+                    .inc_by(0);
+            }
+        }
+        let mcp_calls = Family::<McpLabels, Counter>::default();
+        registry.register(
+            "mcp_calls",
+            "JSON-RPC messages agents sent on MCP pathways, by method, tool (the mcp.tools entry) and decision",
+            mcp_calls.clone(),
+        );
         Metrics {
+            mcp_calls,
+            connections_closed,
+            interception_leaf_mints,
+            llm_tokens,
+            token_pathways_reader: std::sync::OnceLock::new(),
             limit_used,
             limit_max,
             limits_backend_errors,
@@ -249,11 +376,46 @@ impl Metrics {
                 })
                 .inc_by(r.bytes_received);
         }
+        if let (Some(input), Some(output)) = (r.llm_input_tokens, r.llm_output_tokens) {
+            let agent = r.agent.clone().unwrap_or_else(|| NONE.into());
+            let pathway = r.pathway.clone().unwrap_or_else(|| NONE.into());
+            for (direction, n) in [("input", input), ("output", output)] {
+                self.llm_tokens
+                    .get_or_create(&TokenLabels {
+                        agent: agent.clone(),
+                        pathway: pathway.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
+        self.record_mcp(r);
         for rule in &r.dry_run_rules {
             self.dry_run_matches
                 .get_or_create(&RuleLabels { rule: rule.clone() })
                 .inc();
         }
+    }
+
+    /// Counts one JSON-RPC message of an MCP pathway (lines without `mcp_method` are
+    /// not MCP messages).
+    pub fn record_mcp(&self, r: &AuditRecord) {
+        let Some(method) = &r.mcp_method else {
+            return;
+        };
+        self.mcp_calls
+            .get_or_create(&McpLabels {
+                agent: r.agent.clone().unwrap_or_else(|| NONE.into()),
+                pathway: r.pathway.clone().unwrap_or_else(|| NONE.into()),
+                method: MCP_METHODS
+                    .iter()
+                    .find(|m| **m == method.as_str())
+                    .copied()
+                    .unwrap_or("other"),
+                tool: r.mcp_tool_label.clone().unwrap_or_else(|| NONE.into()),
+                decision: r.decision,
+            })
+            .inc();
     }
 
     pub fn record_handshake_failure(&self, reason: &'static str) {
@@ -275,8 +437,27 @@ impl Metrics {
         let _ = self.limits_reader.set(reader);
     }
 
+    /// Where the pathways with a token budget are read from at scrape time (set once,
+    /// at start-up), so their token series exist, at 0, before the first request.
+    pub fn set_token_pathways_reader(&self, reader: TokenPathwaysReader) {
+        let _ = self.token_pathways_reader.set(reader);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        if let Some(read) = self.token_pathways_reader.get() {
+            for (agent, pathway) in read() {
+                for direction in ["input", "output"] {
+                    self.llm_tokens
+                        .get_or_create(&TokenLabels {
+                            agent: agent.clone(),
+                            pathway: pathway.clone(),
+                            direction,
+                        })
+                        .inc_by(0);
+                }
+            }
+        }
         if let Some(read) = self.limits_reader.get() {
             for r in read() {
                 let labels = LimitLabels {

@@ -31,9 +31,10 @@ pub struct WatchError {
 }
 
 /// Watches the policy file; calls `reload` (debounced) after it changes, until `stop`.
-pub fn watch_file<F>(path: &Path, reload: F, stop: CancellationToken) -> Result<(), WatchError>
+pub fn watch_file<F, Fut>(path: &Path, reload: F, stop: CancellationToken) -> Result<(), WatchError>
 where
-    F: Fn() + Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
 {
     let (dirs, names) = watched(path);
     let (tx, mut rx) = mpsc::channel::<()>(1);
@@ -83,7 +84,11 @@ where
                     got = rx.recv() => if got.is_none() { break },
                 }
             }
-            reload();
+            // Reloads read files off the runtime, bounded in time (`crate::files`).
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = reload() => {}
+            }
         }
     });
     Ok(())

@@ -37,24 +37,31 @@ pub enum StartError {
     Telemetry(#[from] TelemetryError),
     #[error(transparent)]
     Limits(#[from] crate::limits::LimitsError),
+    #[error(transparent)]
+    Interception(#[from] crate::interception::InterceptionError),
 }
 
 /// The policy-load check for L7 pathways' files (see [`crate::upstream::check_policy_files`]).
 fn secrets_check(secrets: &crate::upstream::Secrets) -> crate::policy_store::LoadCheck {
     let secrets = secrets.clone();
-    Arc::new(move |policy: &egress_policy::Policy| {
-        crate::upstream::check_policy_files(policy, &secrets).map_err(|errors| {
-            egress_policy::PolicyError::Many(
-                errors
-                    .into_iter()
-                    .map(|message| egress_policy::PolicyError::Invalid {
-                        origin: policy.origin().to_string(),
-                        line: None,
-                        context: "upstream files".into(),
-                        message,
-                    })
-                    .collect(),
-            )
+    Arc::new(move |policy: Arc<egress_policy::Policy>| {
+        let secrets = secrets.clone();
+        Box::pin(async move {
+            crate::upstream::check_policy_files(&policy, &secrets)
+                .await
+                .map_err(|errors| {
+                    egress_policy::PolicyError::Many(
+                        errors
+                            .into_iter()
+                            .map(|message| egress_policy::PolicyError::Invalid {
+                                origin: policy.origin().to_string(),
+                                line: None,
+                                context: "upstream files".into(),
+                                message,
+                            })
+                            .collect(),
+                    )
+                })
         })
     })
 }
@@ -100,13 +107,16 @@ pub async fn start_with(
     // Secret and CA files are checked with every load and reload: a policy whose
     // credential cannot be read is rejected, never half in force.
     let secrets = crate::upstream::Secrets::default();
-    let policy = PolicyStore::load_checked(&config.policy, Some(secrets_check(&secrets)))?;
+    let policy =
+        PolicyStore::load_checked(&config.policy, Some(secrets_check(&secrets))).await?;
     let limits = Arc::new(crate::limits::Limits::from_config(
         &config.limits_backend,
         config.on_backend_error,
     )?);
     tracing::info!(path = %config.policy.display(), "policy loaded");
-    let (audit, audit_writer) = AuditLog::open(&config.telemetry.audit_log).await?;
+    let (audit, audit_writer) =
+        AuditLog::open_rotating(&config.telemetry.audit_log, config.telemetry.audit_rotation)
+            .await?;
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
     let reader = limits.clone();
     telemetry.metrics.set_limits_reader(Box::new(move || {
@@ -122,6 +132,22 @@ pub async fn start_with(
             })
             .collect()
     }));
+    let store = policy.clone();
+    telemetry
+        .metrics
+        .set_token_pathways_reader(Box::new(move || {
+            let current = store.current();
+            current
+                .agents()
+                .flat_map(|a| {
+                    a.pathways
+                        .iter()
+                        .filter(|p| p.limits.llm_tokens_per_hour.is_some())
+                        .map(|p| (a.name.to_string(), p.name.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        }));
     let errors = telemetry.metrics.limits_backend_errors.clone();
     // Both series exist from the start, so `rate()` and alerts see a 0, not nothing.
     for outcome in ["denied", "counted_locally"] {
@@ -138,6 +164,18 @@ pub async fn start_with(
         tracing::info!(%endpoint, protocol = ?config.telemetry.otlp_protocol, "exporting traces with OTLP");
     }
 
+    let interception = match &config.interception {
+        None => None,
+        Some(settings) => {
+            let ca = crate::interception::InterceptionCa::load(
+                settings.clone(),
+                telemetry.metrics.interception_leaf_mints.clone(),
+            )?;
+            tracing::info!(ca_cert = %settings.ca_cert.display(), leaf_ttl = ?settings.leaf_ttl, "TLS interception on for L7 pathways' destinations");
+            Some(Arc::new(ca))
+        }
+    };
+
     let health = Arc::new(Health::default());
     health.set_policy(policy.clone());
     let admin = bind("admin", config.admin).await?;
@@ -150,7 +188,10 @@ pub async fn start_with(
     tokio::spawn(crate::admin::serve(
         admin,
         health.clone(),
-        Some(telemetry.metrics.clone()),
+        crate::admin::AdminExtras {
+            metrics: Some(telemetry.metrics.clone()),
+            interception_ca: interception.clone(),
+        },
         stop_admin.clone(),
     ));
     tracing::info!(%admin_addr, "admin listener up (/healthz, /readyz, /metrics)");
@@ -187,8 +228,10 @@ pub async fn start_with(
             config.timeouts.idle,
         )
         .with_client_hello_timeout(config.timeouts.handshake)
+        .with_response_timeout(config.timeouts.response)
         .with_global_allow(config.allow_cidrs.clone())
-        .with_l7(limits, secrets, identity.clone()),
+        .with_l7(limits, secrets, identity.clone())
+        .with_interception(interception),
     );
     let listener = Listener::new(
         tcp,
@@ -202,17 +245,30 @@ pub async fn start_with(
     let connections = TaskTracker::new();
     tokio::spawn(listener.run(stop.clone(), connections.clone()));
     crate::policy_watch::recheck_on_swap(policy.clone(), proxy.registry().clone(), stop.clone());
+    // Connections and tunnels end with the certificate that opened them.
+    crate::proxy::peer_lifetime::enforce(
+        proxy.registry().clone(),
+        identity.clone(),
+        audit.clone(),
+        telemetry.metrics.clone(),
+        stop.clone(),
+    );
     let watched = {
         let (policy, metrics) = (policy.clone(), telemetry.metrics.clone());
-        move || match policy.reload_if_changed() {
-            None => {}
-            Some(Ok(_)) => {
-                metrics.record_policy_reload(true);
-                tracing::info!(path = %policy.path().display(), "policy reloaded (file changed)");
-            }
-            Some(Err(e)) => {
-                metrics.record_policy_reload(false);
-                tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
+        move || {
+            let (policy, metrics) = (policy.clone(), metrics.clone());
+            async move {
+                match policy.reload_if_changed().await {
+                    None => {}
+                    Some(Ok(_)) => {
+                        metrics.record_policy_reload(true);
+                        tracing::info!(path = %policy.path().display(), "policy reloaded (file changed)");
+                    }
+                    Some(Err(e)) => {
+                        metrics.record_policy_reload(false);
+                        tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
+                    }
+                }
             }
         }
     };
@@ -272,19 +328,38 @@ impl RunningGateway {
     }
 
     /// Re-reads the policy file; on success it is in force for the next decision.
-    pub fn reload_policy(&self) -> Result<(), egress_policy::PolicyError> {
-        match self.policy.reload() {
-            Ok(_) => {
-                self.telemetry.metrics.record_policy_reload(true);
-                tracing::info!(path = %self.policy.path().display(), "policy reloaded");
-                Ok(())
-            }
-            Err(e) => {
-                self.telemetry.metrics.record_policy_reload(false);
-                tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
-                Err(e)
+    ///
+    /// The returned future owns what it needs, so a signal handler can spawn it and
+    /// keep answering signals (SIGTERM) while files are read; every file read in it is
+    /// off the runtime and bounded in time.
+    pub fn reload_policy(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), egress_policy::PolicyError>> + Send + 'static
+    {
+        let (policy, metrics) = (self.policy.clone(), self.telemetry.metrics.clone());
+        async move {
+            match policy.reload().await {
+                Ok(_) => {
+                    metrics.record_policy_reload(true);
+                    tracing::info!(path = %policy.path().display(), "policy reloaded");
+                    Ok(())
+                }
+                Err(e) => {
+                    metrics.record_policy_reload(false);
+                    tracing::error!(error = %e, "policy reload rejected; the previous policy stays in force");
+                    Err(e)
+                }
             }
         }
+    }
+
+    /// Reopens a file audit log at its path (SIGUSR1: logrotate moved the old file);
+    /// every record before this call is in the old file, every one after in the new.
+    pub fn reopen_audit_log(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), AuditError>> + Send + 'static {
+        let audit = self.audit.clone();
+        async move { audit.reopen().await }
     }
 
     /// Stops accepting, lets in-flight requests and tunnels finish until the grace period

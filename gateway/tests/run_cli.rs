@@ -81,14 +81,29 @@ fn spawn(args: &[&str], workload_api: &str) -> (tokio::process::Child, Log) {
     (child, log)
 }
 
-/// `key=value` from a log line.
+/// A field of a log line. Logs to a pipe are JSON, one object per line.
 fn field(line: &str, key: &str) -> String {
-    let start = line
-        .find(&format!("{key}="))
+    let v: serde_json::Value = serde_json::from_str(line)
+        .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+    v[key]
+        .as_str()
         .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + key.len()
-        + 1;
-    line[start..].split_whitespace().next().unwrap().to_string()
+        .to_string()
+}
+
+/// Logs to a pipe (not a terminal) are JSON lines a collector parses as they are:
+/// level, message and timestamp on every line, never an ANSI escape.
+fn assert_json_log(log: &Log) {
+    let lines = log.lines();
+    assert!(!lines.is_empty());
+    for line in lines {
+        assert!(!line.contains('\u{1b}'), "ANSI escape in {line:?}");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        for key in ["timestamp", "level", "message"] {
+            assert!(v[key].is_string(), "no {key} in {line}");
+        }
+    }
 }
 
 fn signal(pid: u32, name: &str) {
@@ -210,6 +225,7 @@ async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
         .expect("the gateway did not exit after its last tunnel closed")
         .unwrap();
     assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
+    assert_json_log(&log);
 
     // Everything was audited and flushed: two GETs and the tunnel.
     let audit = read_audit(&dir.path().join("audit.log"));
@@ -303,4 +319,188 @@ async fn sidecar_with_the_documented_flags_proxies_as_the_agent_and_stops_on_sig
     assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
     world.shutdown().await;
     agent_api.shutdown().await;
+}
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// The `docs` pathway with a credential injected from `secret_file`.
+fn secret_policy(http_port: u16, secret_file: &Path) -> String {
+    policy(http_port, 9).replace(
+        "        methods: [GET]\n",
+        &format!(
+            "        methods: [GET]\n        upstream:\n          inject_headers:\n            x-api-key: {{ secret_file: {} }}\n",
+            secret_file.display()
+        ),
+    )
+}
+
+/// Waits (bounded) for the child to exit; its status and log.
+async fn exits_within(
+    child: &mut tokio::process::Child,
+    log: &Log,
+    secs: u64,
+) -> std::process::ExitStatus {
+    match tokio::time::timeout(Duration::from_secs(secs), child.wait()).await {
+        Ok(status) => status.unwrap(),
+        Err(_) => panic!(
+            "the gateway did not exit within {secs}s (wedged?):\n{}",
+            log.lines().join("\n")
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifo_or_dev_zero_as_secret_file_fails_the_start_naming_the_file() {
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.fifo");
+    mkfifo(&fifo);
+    for secret in [fifo.as_path(), Path::new("/dev/zero")] {
+        let config = write_config(dir.path(), &secret_policy(8080, secret));
+        let config_arg = config.display().to_string();
+        let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
+        let status = exits_within(&mut child, &log, 15).await;
+        assert!(!status.success(), "started with {}", secret.display());
+        let all = log.lines().join("\n");
+        assert!(
+            all.contains(&secret.display().to_string()) && all.contains("not a regular file"),
+            "the error names the file and says what is wrong:\n{all}"
+        );
+    }
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_onto_a_fifo_secret_is_rejected_and_the_gateway_keeps_serving() {
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca))
+        .await
+        .unwrap();
+    let http = HttpEcho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("token");
+    std::fs::write(&secret, "sk-good\n").unwrap();
+    let config = write_config(dir.path(), &secret_policy(http.addr.port(), &secret));
+    let config_arg = config.display().to_string();
+    let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
+    let pid = child.id().unwrap();
+    let proxy: SocketAddr = field(
+        &log.wait_for("egress gateway listening").await,
+        "proxy_addr",
+    )
+    .parse()
+    .unwrap();
+    let admin: SocketAddr = field(&log.wait_for("admin listener up").await, "admin_addr")
+        .parse()
+        .unwrap();
+    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+    let url = format!("http://localhost:{}/docs", http.addr.port());
+    assert_eq!(get(&agent, &url).await, 200);
+
+    // The policy now points at a FIFO (the file watcher sees the change) and SIGHUP
+    // asks again: both reloads are rejected naming the file, nothing wedges.
+    let fifo = dir.path().join("token.fifo");
+    mkfifo(&fifo);
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        secret_policy(http.addr.port(), &fifo),
+    )
+    .unwrap();
+    signal(pid, "HUP");
+    let rejected = log.wait_for("policy reload rejected").await;
+    assert!(rejected.contains(&fifo.display().to_string()), "{rejected}");
+    for _ in 0..3 {
+        let health = tokio::time::timeout(Duration::from_secs(5), admin_get(admin, "/healthz"))
+            .await
+            .expect("/healthz answers during and after the rejected reload")
+            .unwrap();
+        assert_eq!(health.0, 200);
+        let status = tokio::time::timeout(Duration::from_secs(5), get(&agent, &url))
+            .await
+            .expect("the proxy answers after the rejected reload");
+        assert_eq!(status, 200, "the previous policy stays in force");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        http.requests().last().unwrap().header("x-api-key"),
+        Some("sk-good")
+    );
+
+    signal(pid, "TERM");
+    let status = exits_within(&mut child, &log, 15).await;
+    assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
+    api.shutdown().await;
+}
+
+/// logrotate's `create` mode: it moves the audit file away and sends SIGUSR1; the
+/// gateway then writes to a new file at the configured path, and no line is lost or
+/// split between the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_audit_log_after_logrotate_moved_it() {
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca))
+        .await
+        .unwrap();
+    let http = HttpEcho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &policy(http.addr.port(), 1));
+    let config_arg = config.display().to_string();
+    let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
+    let pid = child.id().unwrap();
+    let proxy: SocketAddr = field(
+        &log.wait_for("egress gateway listening").await,
+        "proxy_addr",
+    )
+    .parse()
+    .unwrap();
+    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID);
+    let audit = dir.path().join("audit.log");
+    let rotated = dir.path().join("audit.log-20260101");
+    let url = |n: u32| format!("http://localhost:{}/before-{n}", http.addr.port());
+    for n in 0..3 {
+        assert_eq!(get(&agent, &url(n)).await, 200);
+    }
+    // Written (the writer flushes after each burst), then moved as logrotate does.
+    for _ in 0..100 {
+        if read_audit(&audit).len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::rename(&audit, &rotated).unwrap();
+    signal(pid, "USR1");
+    log.wait_for("audit log reopened").await;
+    let after = format!("http://localhost:{}/after", http.addr.port());
+    assert_eq!(get(&agent, &after).await, 200);
+
+    signal(pid, "TERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the gateway did not exit on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{}", log.lines().join("\n"));
+    let old: Vec<String> = read_audit(&rotated)
+        .iter()
+        .map(|l| l["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(old, ["/before-0", "/before-1", "/before-2"]);
+    let new: Vec<String> = read_audit(&audit)
+        .iter()
+        .map(|l| l["path"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(new, ["/after"], "the new file holds only what came after");
+    api.shutdown().await;
 }

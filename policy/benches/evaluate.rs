@@ -85,7 +85,7 @@ impl Req {
             port: 443,
             path: "/v1/models",
             query: "",
-            headers: &[],
+            headers: egress_policy::HeaderView::empty(),
             llm_model: None,
             now: SystemTime::UNIX_EPOCH,
         }

@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cel::common::ast::{EntryExpr, Expr, LiteralValue};
 use cel::common::types::{CelInt, CelMap, CelMapKey, CelString, CelTimestamp};
 use cel::common::value::Val;
-use cel::{Context, Program, Value};
+use cel::{Context, IdedExpr, Program, Value};
 
+use crate::mcp::McpCall;
 use crate::request::{Request, RequestKind};
 
 /// The top-level variables PRODUCT.md documents; anything else is a load error.
@@ -21,6 +23,8 @@ pub(crate) struct CelExpr {
     uses_source: bool,
     uses_request: bool,
     uses_now: bool,
+    /// Reads `request.mcp`, which only pathways with `mcp` provide.
+    uses_mcp: bool,
 }
 
 impl fmt::Debug for CelExpr {
@@ -41,6 +45,18 @@ pub enum CelCompileError {
     UnknownVariable(String),
     #[error("empty CEL expression")]
     Empty,
+    #[error(
+        "unknown function `{0}` (not in the CEL standard library; every call of it would fail)"
+    )]
+    UnknownFunction(String),
+    #[error("invalid regex {pattern:?} in matches(): {message}")]
+    BadRegex { pattern: String, message: String },
+    #[error(
+        "too expensive: its comprehensions may run about {iterations} iterations per evaluation \
+         (limit {}); use fewer or smaller nested all/exists/map/filter",
+        crate::cel_check::MAX_ITERATIONS
+    )]
+    TooExpensive { iterations: u64 },
 }
 
 impl CelExpr {
@@ -69,7 +85,21 @@ impl CelExpr {
                 return Err(CelCompileError::UnknownVariable(v.into()));
             }
         }
+        // The first finding is the error; fixing it shows the next.
+        if let Some(finding) = crate::cel_check::check(&program).into_iter().next() {
+            use crate::cel_check::Finding;
+            return Err(match finding {
+                Finding::UnknownFunction(name) => CelCompileError::UnknownFunction(name),
+                Finding::BadRegex { pattern, message } => {
+                    CelCompileError::BadRegex { pattern, message }
+                }
+                Finding::TooExpensive { iterations } => {
+                    CelCompileError::TooExpensive { iterations }
+                }
+            });
+        }
         Ok(CelExpr {
+            uses_mcp: reads_request_field(&program.expression().expr, "mcp"),
             uses_source: refs.has_variable("source"),
             uses_request: refs.has_variable("request"),
             uses_now: refs.has_variable("now"),
@@ -80,6 +110,59 @@ impl CelExpr {
 
     pub(crate) fn source(&self) -> &str {
         &self.source
+    }
+
+    /// True if the expression reads `request.mcp` (as `request.mcp`, `has(request.mcp)`
+    /// or `request["mcp"]`).
+    pub(crate) fn uses_mcp(&self) -> bool {
+        self.uses_mcp
+    }
+}
+
+/// Whether `e` selects `field` of the `request` variable anywhere.
+fn reads_request_field(e: &Expr, field: &str) -> bool {
+    let is_request = |x: &IdedExpr| matches!(&x.expr, Expr::Ident(n) if n == "request");
+    match e {
+        Expr::Select(s) => {
+            (s.field == field && is_request(&s.operand))
+                || reads_request_field(&s.operand.expr, field)
+        }
+        Expr::Call(c) => {
+            let index = c.func_name == "_[_]"
+                && c.args.len() == 2
+                && is_request(&c.args[0])
+                && matches!(&c.args[1].expr, Expr::Literal(LiteralValue::String(k)) if &**k == field);
+            index
+                || c.target
+                    .as_ref()
+                    .is_some_and(|t| reads_request_field(&t.expr, field))
+                || c.args.iter().any(|a| reads_request_field(&a.expr, field))
+        }
+        Expr::Comprehension(c) => [
+            &c.iter_range,
+            &c.accu_init,
+            &c.loop_cond,
+            &c.loop_step,
+            &c.result,
+        ]
+        .iter()
+        .any(|x| reads_request_field(&x.expr, field)),
+        Expr::List(l) => l
+            .elements
+            .iter()
+            .any(|x| reads_request_field(&x.expr, field)),
+        Expr::Map(m) => m.entries.iter().any(|en| entry_reads(&en.expr, field)),
+        Expr::Struct(st) => st.entries.iter().any(|en| entry_reads(&en.expr, field)),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => false,
+    }
+}
+
+fn entry_reads(en: &EntryExpr, field: &str) -> bool {
+    match en {
+        EntryExpr::StructField(f) => reads_request_field(&f.value.expr, field),
+        EntryExpr::MapEntry(m) => {
+            reads_request_field(&m.key.expr, field) || reads_request_field(&m.value.expr, field)
+        }
     }
 }
 
@@ -159,7 +242,10 @@ impl<'a> Activation<'a> {
                 c.add_variable_as_val("source", Box::new(source_map(self.req)));
             }
             if self.vars.request {
-                c.add_variable_as_val("request", Box::new(request_map(self.req, self.host, None)));
+                c.add_variable_as_val(
+                    "request",
+                    Box::new(request_map(self.req, self.host, None, None)),
+                );
             }
             if self.vars.now {
                 c.add_variable_as_val("now", Box::new(now_value(self.req.now)));
@@ -169,23 +255,29 @@ impl<'a> Activation<'a> {
     }
 
     /// Runs `expr`; `Ok(bool)` or the reason it could not decide. `llm_model`
-    /// is set only for pathways that list `models`, which alone see `request.llm`.
-    pub(crate) fn eval(&self, expr: &CelExpr, llm_model: Option<&str>) -> CelResult {
+    /// is set only for pathways that list `models`, which alone see `request.llm`;
+    /// `mcp` only for pathways with `mcp`, which alone see `request.mcp`.
+    pub(crate) fn eval(
+        &self,
+        expr: &CelExpr,
+        llm_model: Option<&str>,
+        mcp: Option<&McpCall>,
+    ) -> CelResult {
         let scope = self.scope();
-        let result = match llm_model {
-            Some(model) if expr.uses_request => {
-                let mut inner = scope.new_inner_scope();
-                inner.add_variable_as_val(
-                    "request",
-                    Box::new(request_map(
-                        self.req,
-                        self.host,
-                        Some(model.to_owned().into()),
-                    )),
-                );
-                expr.program.execute(&inner)
-            }
-            _ => expr.program.execute(scope),
+        let result = if (llm_model.is_some() || mcp.is_some()) && expr.uses_request {
+            let mut inner = scope.new_inner_scope();
+            inner.add_variable_as_val(
+                "request",
+                Box::new(request_map(
+                    self.req,
+                    self.host,
+                    llm_model.map(|m| m.to_owned().into()),
+                    mcp,
+                )),
+            );
+            expr.program.execute(&inner)
+        } else {
+            expr.program.execute(scope)
         };
         match result {
             Ok(Value::Bool(b)) => Ok(b),
@@ -214,29 +306,12 @@ fn request_map<'a>(
     req: &Request<'a>,
     host: &'a str,
     llm_model: Option<CelString<'a>>,
+    mcp: Option<&McpCall>,
 ) -> CelMap<'a> {
-    let all: &'a [(String, String)] = req.headers;
-    let mut headers = Entries::with_capacity(all.len());
-    for (i, (k, v)) in all.iter().enumerate() {
-        // repeated names were joined at their first occurrence
-        if all[..i].iter().any(|(pk, _)| pk.eq_ignore_ascii_case(k)) {
-            continue;
-        }
-        let mut more = all[i + 1..]
-            .iter()
-            .filter(|(nk, _)| nk.eq_ignore_ascii_case(k))
-            .peekable();
-        let value: CelString<'a> = if more.peek().is_none() {
-            v.as_str().into()
-        } else {
-            let mut joined = v.clone();
-            for (_, m) in more {
-                joined.push_str(", ");
-                joined.push_str(m);
-            }
-            joined.into()
-        };
-        headers.insert(header_key(k), Box::new(value));
+    // Names are lower case and repeats joined already: one view for every caller.
+    let mut headers = Entries::with_capacity(req.headers.len());
+    for (k, v) in req.headers.iter() {
+        headers.insert(CelMapKey::from(k), Box::new(CelString::from(v)));
     }
     let mut m = Entries::with_capacity(8);
     put(&mut m, "kind", req.kind.as_str());
@@ -261,16 +336,24 @@ fn request_map<'a>(
         put(&mut llm, "model", model);
         m.insert(CelMapKey::from("llm"), Box::new(CelMap::from(llm)));
     }
+    if let Some(call) = mcp {
+        m.insert(CelMapKey::from("mcp"), Box::new(mcp_map(call)));
+    }
     CelMap::from(m)
 }
 
-/// Header names are lower case by contract; lower-case anyway if a caller slipped.
-fn header_key(k: &str) -> CelMapKey<'_> {
-    if k.bytes().any(|b| b.is_ascii_uppercase()) {
-        CelMapKey::from(k.to_ascii_lowercase())
-    } else {
-        CelMapKey::from(k)
-    }
+/// `request.mcp`: `method`, `tool` (empty unless `tools/call`) and `arguments` (a map).
+fn mcp_map(call: &McpCall) -> CelMap<'static> {
+    let mut m = Entries::with_capacity(3);
+    put(&mut m, "method", call.method.clone());
+    put(&mut m, "tool", call.tool().unwrap_or_default().to_owned());
+    // A JSON object always converts; an empty map is the fallback, never a panic.
+    let arguments = cel::to_value(&call.arguments)
+        .ok()
+        .and_then(|v| Box::<dyn Val>::try_from(v).ok())
+        .unwrap_or_else(|| Box::new(CelMap::from(Entries::new())));
+    m.insert(CelMapKey::from("arguments"), arguments);
+    CelMap::from(m)
 }
 
 fn now_value(now: SystemTime) -> CelTimestamp {

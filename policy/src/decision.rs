@@ -3,6 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::mcp::McpDenial;
 use crate::pathway::Pathway;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +33,9 @@ impl fmt::Display for Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     Allowed,
+    /// A tunnel to a destination an L7 pathway names: allowed for TLS interception,
+    /// each request inside is decided on its own.
+    Intercepted,
     /// A deny rule matched.
     DeniedByRule,
     /// A deny rule's CEL failed to evaluate; fail closed (`policy explain` shows the error).
@@ -42,13 +46,16 @@ pub enum Reason {
     NoMatchingAgent,
     /// No pathway of the matching agents lists this destination.
     NoMatchingPathway,
-    /// A pathway lists the destination but not the method (tunnels are CONNECT;
-    /// pathways with `upstream` carry no tunnels).
+    /// A pathway lists the destination but not the method (tunnels are CONNECT).
     MethodNotAllowed,
     /// A pathway lists the destination and method but not the model (`None`:
     /// the request named no model).
     ModelNotAllowed {
         model: Option<String>,
+    },
+    /// A pathway with `mcp` refused the request's JSON-RPC message.
+    McpNotAllowed {
+        denial: McpDenial,
     },
     /// A pathway's `when` evaluated to false.
     ConditionNotMet,
@@ -63,6 +70,7 @@ impl Reason {
     pub fn code(&self) -> &'static str {
         match self {
             Reason::Allowed => "allowed",
+            Reason::Intercepted => "intercepted",
             Reason::DeniedByRule => "denied_by_rule",
             Reason::DenyRuleError => "deny_rule_error",
             Reason::UntrustedTrustDomain => "untrusted_trust_domain",
@@ -70,6 +78,7 @@ impl Reason {
             Reason::NoMatchingPathway => "no_matching_pathway",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::ModelNotAllowed { .. } => "model_not_allowed",
+            Reason::McpNotAllowed { denial } => denial.code(),
             Reason::ConditionNotMet => "condition_not_met",
             Reason::ConditionError { .. } => "condition_error",
         }
@@ -80,6 +89,9 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Allowed => f.write_str("allowed by pathway"),
+            Reason::Intercepted => f.write_str(
+                "allowed for TLS interception: each request inside is decided on its own",
+            ),
             Reason::DeniedByRule => f.write_str("denied by rule"),
             Reason::DenyRuleError => f.write_str("deny rule could not be evaluated (fail closed)"),
             Reason::UntrustedTrustDomain => f.write_str("trust domain not accepted"),
@@ -88,6 +100,7 @@ impl fmt::Display for Reason {
             Reason::MethodNotAllowed => f.write_str("method not allowed on this pathway"),
             Reason::ModelNotAllowed { model: Some(m) } => write!(f, "model {m:?} not allowed"),
             Reason::ModelNotAllowed { model: None } => f.write_str("request names no model"),
+            Reason::McpNotAllowed { denial } => denial.fmt(f),
             Reason::ConditionNotMet => f.write_str("pathway condition not met"),
             Reason::ConditionError { error } => {
                 write!(f, "pathway condition could not be evaluated: {error}")

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::cel_env::{Activation, CelResult};
 use crate::decision::{Decision, Mode, Reason};
 use crate::host::normalize_host;
+use crate::mcp::{McpCall, McpDenial};
 use crate::pathway::Pathway;
 use crate::policy::{Agent, Policy, Rule};
 use crate::request::{Request, RequestKind};
@@ -18,6 +19,7 @@ pub enum PathwayOutcome {
     DestinationMismatch,
     MethodNotAllowed,
     ModelNotAllowed { model: Option<String> },
+    McpNotAllowed { denial: McpDenial },
     ConditionFalse,
     ConditionError { error: String },
 }
@@ -29,8 +31,9 @@ impl PathwayOutcome {
             PathwayOutcome::DestinationMismatch => 0,
             PathwayOutcome::MethodNotAllowed => 1,
             PathwayOutcome::ModelNotAllowed { .. } => 2,
-            PathwayOutcome::ConditionFalse | PathwayOutcome::ConditionError { .. } => 3,
-            PathwayOutcome::Allows => 4,
+            PathwayOutcome::McpNotAllowed { .. } => 3,
+            PathwayOutcome::ConditionFalse | PathwayOutcome::ConditionError { .. } => 4,
+            PathwayOutcome::Allows => 5,
         }
     }
 
@@ -41,6 +44,9 @@ impl PathwayOutcome {
             PathwayOutcome::MethodNotAllowed => Reason::MethodNotAllowed,
             PathwayOutcome::ModelNotAllowed { model } => Reason::ModelNotAllowed {
                 model: model.clone(),
+            },
+            PathwayOutcome::McpNotAllowed { denial } => Reason::McpNotAllowed {
+                denial: denial.clone(),
             },
             PathwayOutcome::ConditionFalse => Reason::ConditionNotMet,
             PathwayOutcome::ConditionError { error } => Reason::ConditionError {
@@ -71,10 +77,23 @@ impl Policy {
     /// Decides one connection or request. Pure: no I/O, no clocks (the time is
     /// `req.now`).
     pub fn evaluate(&self, req: &Request<'_>) -> Decision {
-        self.run(req, &mut NoTrace)
+        self.run(req, None, &mut NoTrace)
     }
 
-    pub(crate) fn run<T: Tracer>(&self, req: &Request<'_>, t: &mut T) -> Decision {
+    /// Decides one JSON-RPC message of a request to an MCP server: `call` is the
+    /// message as read from the body, `None` when the body held none. Pathways with
+    /// `mcp` check it (and their `when` sees it as `request.mcp`); other pathways
+    /// decide as [`Policy::evaluate`] does.
+    pub fn evaluate_mcp(&self, req: &Request<'_>, call: Option<&McpCall>) -> Decision {
+        self.run(req, call, &mut NoTrace)
+    }
+
+    pub(crate) fn run<T: Tracer>(
+        &self,
+        req: &Request<'_>,
+        mcp: Option<&McpCall>,
+        t: &mut T,
+    ) -> Decision {
         let method = match req.kind {
             RequestKind::Connect => "CONNECT",
             RequestKind::Http => req.method,
@@ -106,7 +125,7 @@ impl Policy {
 
         let mut dry_run_rules = Vec::new();
         for rule in &self.rules {
-            let result = act.eval(&rule.when, None);
+            let result = act.eval(&rule.when, None, None);
             t.rule(rule, &result);
             // fail closed: an error in a deny rule counts as a match
             let reason = match result {
@@ -122,7 +141,7 @@ impl Policy {
             // the pathway that would have allowed it so it applies its settings.
             let (agent, pathway) = match self.mode {
                 Mode::Audit => {
-                    match self.find_pathway(&matched, host.as_deref(), method, req, &act, t) {
+                    match self.find_pathway(&matched, host.as_deref(), method, req, mcp, &act, t) {
                         Ok((a, p)) => (Some(a.name.clone()), Some(p)),
                         Err(_) => (first_agent, None),
                     }
@@ -145,7 +164,7 @@ impl Policy {
         } else if matched.is_empty() {
             Err(Reason::NoMatchingAgent)
         } else {
-            self.find_pathway(&matched, host.as_deref(), method, req, &act, t)
+            self.find_pathway(&matched, host.as_deref(), method, req, mcp, &act, t)
         };
         let rule = dry_run_rules.first().cloned();
         match outcome {
@@ -153,9 +172,13 @@ impl Policy {
                 allowed: true,
                 enforced: true,
                 agent: Some(agent.name.clone()),
+                reason: if req.kind == RequestKind::Connect && pathway.is_l7() {
+                    Reason::Intercepted
+                } else {
+                    Reason::Allowed
+                },
                 pathway: Some(pathway),
                 rule,
-                reason: Reason::Allowed,
                 dry_run_rules,
             },
             Err(reason) => Decision {
@@ -171,17 +194,27 @@ impl Policy {
     }
 
     /// The first pathway, over the matching agents in file order, that allows.
+    #[allow(clippy::too_many_arguments)]
     fn find_pathway<'p, T: Tracer>(
         &'p self,
         matched: &[&'p Agent],
         host: Option<&str>,
         method: &str,
         req: &Request<'_>,
+        mcp: Option<&McpCall>,
         act: &Activation<'_>,
         t: &mut T,
     ) -> Result<(&'p Agent, Arc<Pathway>), Reason> {
         let mut best = PathwayOutcome::DestinationMismatch;
         let mut cands = Vec::new();
+        if req.kind == RequestKind::Connect {
+            // A destination an L7 pathway names is intercepted even where an L4
+            // pathway (say `*.com:443`) would tunnel it: its credentials, models and
+            // budgets must not be skippable by asking for a tunnel.
+            if let Some(found) = Self::l7_destination(matched, host, req, &mut cands) {
+                return Ok(found);
+            }
+        }
         for agent in matched {
             cands.clear();
             if T::ACTIVE {
@@ -191,7 +224,7 @@ impl Policy {
             }
             for &i in &cands {
                 let p = &agent.pathways[i];
-                let outcome = check_pathway(p, host, method, req, act);
+                let outcome = check_pathway(p, host, method, req, mcp, act);
                 t.pathway(p, &outcome);
                 if outcome == PathwayOutcome::Allows {
                     return Ok((agent, Arc::clone(p)));
@@ -203,6 +236,28 @@ impl Policy {
         }
         Err(best.reason())
     }
+
+    /// The first L7 pathway, over the matching agents in file order, whose
+    /// destinations cover the CONNECT target.
+    fn l7_destination<'p>(
+        matched: &[&'p Agent],
+        host: Option<&str>,
+        req: &Request<'_>,
+        cands: &mut Vec<usize>,
+    ) -> Option<(&'p Agent, Arc<Pathway>)> {
+        let h = host?;
+        for agent in matched {
+            cands.clear();
+            agent.dests.candidates(h, req.port, cands);
+            for &i in cands.iter() {
+                let p = &agent.pathways[i];
+                if p.is_l7() && p.destinations.iter().any(|d| d.matches(h, req.port)) {
+                    return Some((agent, Arc::clone(p)));
+                }
+            }
+        }
+        None
+    }
 }
 
 fn check_pathway(
@@ -210,11 +265,18 @@ fn check_pathway(
     host: Option<&str>,
     method: &str,
     req: &Request<'_>,
+    mcp: Option<&McpCall>,
     act: &Activation<'_>,
 ) -> PathwayOutcome {
     let dest_ok = host.is_some_and(|h| p.destinations.iter().any(|d| d.matches(h, req.port)));
     if !dest_ok {
         return PathwayOutcome::DestinationMismatch;
+    }
+    // A tunnel to an L7 pathway's destination is intercepted: the gateway terminates
+    // its TLS and decides every request inside on its own (method, path, model,
+    // `when`), so the tunnel itself needs only the destination.
+    if req.kind == RequestKind::Connect && p.is_l7() {
+        return PathwayOutcome::Allows;
     }
     if !p.allows_method(method) {
         return PathwayOutcome::MethodNotAllowed;
@@ -231,9 +293,21 @@ fn check_pathway(
             req.llm_model
         }
     };
+    // `mcp` applies to the JSON-RPC message the gateway read from the body; `when`
+    // sees it as `request.mcp` (an empty call for requests that carry none).
+    let no_call = McpCall::default();
+    let mcp_view = match &p.mcp {
+        None => None,
+        Some(rules) => {
+            if let Err(denial) = rules.check(method, mcp) {
+                return PathwayOutcome::McpNotAllowed { denial };
+            }
+            Some(mcp.unwrap_or(&no_call))
+        }
+    };
     match &p.when {
         None => PathwayOutcome::Allows,
-        Some(w) => match act.eval(w, model) {
+        Some(w) => match act.eval(w, model, mcp_view) {
             Ok(true) => PathwayOutcome::Allows,
             Ok(false) => PathwayOutcome::ConditionFalse,
             Err(error) => PathwayOutcome::ConditionError { error },

@@ -5,6 +5,7 @@ use std::fmt;
 use crate::cel_env::CelResult;
 use crate::decision::Decision;
 use crate::evaluate::{PathwayOutcome, Tracer};
+use crate::mcp::McpCall;
 use crate::pathway::Pathway;
 use crate::policy::{Agent, Policy, Rule};
 use crate::request::{Request, RequestKind};
@@ -14,6 +15,8 @@ pub struct Explanation {
     pub request: String,
     pub source: String,
     pub decision: Decision,
+    /// The JSON-RPC message decided, for requests to MCP servers.
+    pub mcp: Option<McpCall>,
     pub trust_domain_ok: bool,
     /// Matching agent entries: (name, id as written).
     pub agents: Vec<(String, String)>,
@@ -36,10 +39,14 @@ pub struct PathwayStep {
     pub pathway: String,
     pub destinations: Vec<String>,
     pub outcome: PathwayOutcome,
+    /// For an MCP message this pathway allowed: the `mcp` list and entry that allowed
+    /// its target (`("tools", "read_*")`).
+    pub mcp_entry: Option<(&'static str, String)>,
 }
 
 #[derive(Default)]
 struct Recorder {
+    mcp: Option<McpCall>,
     trust_domain_ok: bool,
     agents: Vec<(String, String)>,
     rules: Vec<RuleStep>,
@@ -72,6 +79,12 @@ impl Tracer for Recorder {
             pathway: p.name.clone(),
             destinations: p.destinations.iter().map(|d| d.to_string()).collect(),
             outcome: outcome.clone(),
+            mcp_entry: match (outcome, &p.mcp, &self.mcp) {
+                (PathwayOutcome::Allows, Some(rules), Some(call)) => rules
+                    .entry_for(call)
+                    .map(|(list, entry)| (list, entry.to_owned())),
+                _ => None,
+            },
         });
     }
 }
@@ -79,8 +92,17 @@ impl Tracer for Recorder {
 impl Policy {
     /// Evaluates `req` and records every rule and pathway considered.
     pub fn explain(&self, req: &Request<'_>) -> Explanation {
-        let mut rec = Recorder::default();
-        let decision = self.run(req, &mut rec);
+        self.explain_mcp(req, None)
+    }
+
+    /// Like [`Policy::explain`], for one JSON-RPC message of a request to an MCP
+    /// server (see [`Policy::evaluate_mcp`]).
+    pub fn explain_mcp(&self, req: &Request<'_>, call: Option<&McpCall>) -> Explanation {
+        let mut rec = Recorder {
+            mcp: call.cloned(),
+            ..Recorder::default()
+        };
+        let decision = self.run(req, call, &mut rec);
         let target = match req.kind {
             RequestKind::Connect => format!("CONNECT {}:{}", bracket(req.host), req.port),
             RequestKind::Http => {
@@ -102,6 +124,7 @@ impl Policy {
             request: target,
             source: req.source.to_string(),
             decision,
+            mcp: rec.mcp,
             trust_domain_ok: rec.trust_domain_ok,
             agents: rec.agents,
             rules: rec.rules,
@@ -122,6 +145,25 @@ impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.decision;
         writeln!(f, "request: {} from {}", self.request, self.source)?;
+        if let Some(call) = &self.mcp {
+            let method = if call.method.is_empty() {
+                "(a response)"
+            } else {
+                call.method.as_str()
+            };
+            write!(f, "mcp: {method}")?;
+            if let Some(name) = &call.name {
+                write!(f, " {name:?}")?;
+            }
+            if !call.arguments.is_empty() {
+                write!(
+                    f,
+                    " arguments {}",
+                    serde_json::Value::Object(call.arguments.clone())
+                )?;
+            }
+            writeln!(f)?;
+        }
         let verdict = if d.allowed { "ALLOW" } else { "DENY" };
         let enforced = if d.allowed || d.enforced {
             ""
@@ -176,7 +218,10 @@ impl fmt::Display for Explanation {
         }
         for p in &self.pathways {
             let why = match &p.outcome {
-                PathwayOutcome::Allows => "ALLOWS".to_owned(),
+                PathwayOutcome::Allows => match &p.mcp_entry {
+                    Some((list, entry)) => format!("ALLOWS (mcp.{list} entry {entry:?})"),
+                    None => "ALLOWS".to_owned(),
+                },
                 PathwayOutcome::DestinationMismatch => {
                     format!("destination not listed ({})", p.destinations.join(", "))
                 }
@@ -187,6 +232,7 @@ impl fmt::Display for Explanation {
                 PathwayOutcome::ModelNotAllowed { model: None } => {
                     "lists models but the request names none (or is a tunnel)".to_owned()
                 }
+                PathwayOutcome::McpNotAllowed { denial } => format!("mcp: {denial}"),
                 PathwayOutcome::ConditionFalse => "`when` is false".to_owned(),
                 PathwayOutcome::ConditionError { error } => {
                     format!("`when` failed, counts as no match: {error}")

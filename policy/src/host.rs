@@ -19,6 +19,12 @@ pub enum DestinationError {
     Wildcard,
     #[error("invalid host name: {0}")]
     BadHost(String),
+    #[error(
+        "{0:?} can never match: the gateway refuses numeric host forms other than a \
+         dotted-quad IPv4 address (e.g. 2130706433, 127.1, 0x7f.1) in requests; \
+         write the address as a.b.c.d, or use a DNS name"
+    )]
+    NeverMatches(String),
 }
 
 /// Canonical form of a host as a client sent it. Returns `None` for hosts that
@@ -162,6 +168,11 @@ fn parse_host_pattern(h: &str) -> Result<HostPattern, DestinationError> {
         .ok_or_else(|| DestinationError::BadHost(h.into()))?
         .into_owned();
     validate_name(&norm).map_err(|why| DestinationError::BadHost(format!("{h:?}: {why}")))?;
+    // The gateway's request parser refuses what C resolvers read as numbers; an entry
+    // spelt that way would never match a request.
+    if norm.parse::<std::net::Ipv4Addr>().is_err() && looks_numeric(&norm) {
+        return Err(DestinationError::NeverMatches(h.into()));
+    }
     if wild {
         if norm.parse::<IpAddr>().is_ok() {
             return Err(DestinationError::BadHost(format!(
@@ -172,6 +183,27 @@ fn parse_host_pattern(h: &str) -> Result<HostPattern, DestinationError> {
     } else {
         Ok(HostPattern::Exact(norm))
     }
+}
+
+/// True for what `inet_aton` would accept as an address (1 to 4 dot-separated parts,
+/// each decimal, octal or `0x` hex), and for any name whose last label is all digits
+/// (no top-level domain is): the same rule as the gateway's request target parser.
+fn looks_numeric(host: &str) -> bool {
+    let parts: Vec<&str> = host.split('.').collect();
+    let numeric_part = |p: &str| {
+        let p = p.to_ascii_lowercase();
+        if let Some(hex) = p.strip_prefix("0x") {
+            hex.bytes().all(|b| b.is_ascii_hexdigit())
+        } else {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())
+        }
+    };
+    if parts.len() <= 4 && parts.iter().all(|p| numeric_part(p)) {
+        return true;
+    }
+    parts
+        .last()
+        .is_some_and(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn validate_name(name: &str) -> Result<(), String> {
@@ -245,6 +277,37 @@ mod tests {
     }
 
     #[test]
+    fn numeric_host_forms_the_gateway_refuses_can_never_match() {
+        for h in [
+            "2130706433",
+            "127.1",
+            "0x7f.1",
+            "0x7f000001",
+            "0177.0.0.1",
+            "10.0.0.1.5",
+            "host.123",
+        ] {
+            assert_eq!(
+                Destination::parse(&format!("{h}:443")).unwrap_err(),
+                DestinationError::NeverMatches(h.into()),
+                "{h}"
+            );
+        }
+        assert_eq!(
+            Destination::parse("*.0.1:443").unwrap_err(),
+            DestinationError::NeverMatches("*.0.1".into())
+        );
+        for ok in [
+            "127.0.0.1:80",
+            "1password.com:443",
+            "x1.example:443",
+            "0x.example:443",
+        ] {
+            assert!(Destination::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
     fn destination_errors() {
         use DestinationError::*;
         assert_eq!(Destination::parse("example.com").unwrap_err(), MissingPort);
@@ -297,7 +360,8 @@ mod tests {
     proptest! {
         #[test]
         fn subdomain_wildcard(prefix in prop::collection::vec(label(), 0..4), base in prop::collection::vec(label(), 1..3), junk in label()) {
-            let base = base.join(".");
+            // A last label of digits alone is a numeric host form (never matches).
+            let base = format!("{}q", base.join("."));
             let pat = d(&format!("*.{base}:443"));
             let host = if prefix.is_empty() { base.clone() } else { format!("{}.{base}", prefix.join(".")) };
             // matches exactly when there is at least one extra label
@@ -309,7 +373,7 @@ mod tests {
 
         #[test]
         fn case_and_trailing_dot_do_not_matter(labels in prop::collection::vec(label(), 1..4), upper in any::<bool>(), dot in any::<bool>()) {
-            let host = labels.join(".");
+            let host = format!("{}q", labels.join("."));
             let pat = d(&format!("{host}:443"));
             let mut sent = if upper { host.to_uppercase() } else { host.clone() };
             if dot { sent.push('.'); }

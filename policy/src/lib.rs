@@ -6,16 +6,20 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod cel_check;
 mod cel_env;
 mod decision;
 mod error;
 mod evaluate;
 mod explain;
+mod headers;
 mod host;
 mod id_pattern;
 mod index;
+mod lint;
 mod llm_model;
 mod load;
+pub mod mcp;
 pub mod model;
 mod pathway;
 mod policy;
@@ -30,10 +34,12 @@ pub use decision::{Decision, Mode, Reason};
 pub use error::PolicyError;
 pub use evaluate::PathwayOutcome;
 pub use explain::{Explanation, PathwayStep, RuleStep};
+pub use headers::HeaderView;
 pub use host::{normalize_host, Destination, DestinationError, HostPattern};
 pub use id_pattern::{IdPattern, IdPatternError};
-pub use llm_model::DEFAULT_MODEL_BODY_LIMIT;
-pub use pathway::{Limits, Pathway, SecretRef, Upstream};
+pub use llm_model::{model_from_path, DEFAULT_MODEL_BODY_LIMIT};
+pub use mcp::{McpCall, McpDenial, McpRules};
+pub use pathway::{Limits, Pathway, SecretRef, Timeouts, Upstream};
 pub use policy::{AgentInfo, Policy, RuleInfo};
 pub use request::{Request, RequestKind, RequestLine, RequestLineError};
 pub use spiffe_id::{SpiffeId, SpiffeIdError};

@@ -8,6 +8,38 @@ use crate::request::{Request, RequestKind};
 /// The body bound when a pathway lists `models` but sets no `max_request_body_bytes`.
 pub const DEFAULT_MODEL_BODY_LIMIT: u64 = 1024 * 1024;
 
+/// The model a Gemini-style path names: the segment after the last `/models/`, up to
+/// the `:` that starts the method (`/v1beta/models/gemini-2.0-flash:generateContent`,
+/// Vertex AI's `.../publishers/google/models/gemini-2.0-flash:streamGenerateContent`),
+/// percent-decoded. That is the model such an upstream runs, whatever the body says.
+pub fn model_from_path(path: &str) -> Option<String> {
+    let (_, rest) = path.rsplit_once("/models/")?;
+    let (model, method) = rest.split_once(':')?;
+    if model.is_empty() || method.is_empty() || model.contains('/') {
+        return None;
+    }
+    let decoded = percent_decode(model)?;
+    (!decoded.is_empty()).then_some(decoded)
+}
+
+/// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Policy {
     /// For an HTTP request, the body bound to read the model under when some pathway
     /// of a matching agent lists this destination and method and has `models`: the
@@ -93,11 +125,35 @@ agents:
             port,
             path: "/v1/chat/completions",
             query: "",
-            headers: &[],
+            headers: HeaderView::empty(),
             llm_model: None,
             now: SystemTime::now(),
         };
         p.llm_model_body_limit(&req)
+    }
+
+    #[test]
+    fn gemini_paths_name_their_model() {
+        use crate::llm_model::model_from_path;
+        assert_eq!(
+            model_from_path("/v1beta/models/gemini-2.0-flash:generateContent").as_deref(),
+            Some("gemini-2.0-flash")
+        );
+        assert_eq!(
+            model_from_path(
+                "/v1/projects/p/locations/us/publishers/google/models/gemini-pro:streamGenerateContent"
+            )
+            .as_deref(),
+            Some("gemini-pro")
+        );
+        assert_eq!(
+            model_from_path("/v1beta/models/gemini%2Dpro:generateContent").as_deref(),
+            Some("gemini-pro")
+        );
+        assert_eq!(model_from_path("/v1/chat/completions"), None);
+        assert_eq!(model_from_path("/v1beta/models/gemini-pro"), None);
+        assert_eq!(model_from_path("/v1beta/models/:generateContent"), None);
+        assert_eq!(model_from_path("/v1beta/models/a%zz:generateContent"), None);
     }
 
     #[test]

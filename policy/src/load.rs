@@ -11,8 +11,9 @@ use crate::error::PolicyError;
 use crate::host::Destination;
 use crate::id_pattern::IdPattern;
 use crate::index::{AgentIndex, DestIndex};
-use crate::model::{Located, ModeSpec, PathwaySpec, PolicyFile, UpstreamSpec};
-use crate::pathway::{Limits, Pathway, SecretRef, Upstream};
+use crate::mcp::{McpRules, NamePattern};
+use crate::model::{Located, McpSpec, ModeSpec, PathwaySpec, PolicyFile, UpstreamSpec};
+use crate::pathway::{Limits, Pathway, SecretRef, Timeouts, Upstream};
 use crate::policy::{Agent, Policy, Rule};
 use crate::spiffe_id::{is_trust_domain_char, SpiffeId};
 
@@ -175,6 +176,11 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             );
         }
         match CelExpr::compile(&r.when.value) {
+            Ok(when) if when.uses_mcp() => errs.push(
+                r.when.line,
+                &ctx,
+                "`when` reads request.mcp, which only `when` of pathways with `mcp` can see",
+            ),
             Ok(when) => rules.push(Rule {
                 name: r.name.value,
                 when,
@@ -359,7 +365,27 @@ fn compile_pathway(
         );
     }
 
+    let mcp = p.mcp.map(|m| compile_mcp(errs, ctx, m));
+    if mcp.is_some() && p.upstream.is_none() {
+        errs.push(
+            p.name.line,
+            ctx,
+            "`mcp` needs `upstream`: MCP messages are read from request bodies, which only L7 pathways see (a plain-HTTP server: `upstream: { tls: false }`)",
+        );
+    }
+
     let when = p.when.and_then(|w| match CelExpr::compile(&w.value) {
+        Ok(c) if c.uses_mcp() && mcp.is_none() => {
+            errs.push(
+                w.line,
+                ctx,
+                format!(
+                    "`when` {:?} reads request.mcp, which only pathways with `mcp` see",
+                    w.value
+                ),
+            );
+            None
+        }
         Ok(c) => Some(c),
         Err(e) => {
             errs.push(w.line, ctx, format!("`when` {:?}: {e}", w.value));
@@ -397,6 +423,21 @@ fn compile_pathway(
             );
         }
     }
+
+    let response = p
+        .timeouts
+        .response
+        .and_then(|r| match parse_duration(&r.value) {
+            Ok(d) => Some(d),
+            Err(why) => {
+                errs.push(
+                    r.line,
+                    ctx,
+                    format!("timeouts.response {:?}: {why}", r.value),
+                );
+                None
+            }
+        });
 
     let mut allow_cidrs = Vec::new();
     for c in &p.allow_cidrs {
@@ -436,8 +477,44 @@ fn compile_pathway(
         limits,
         allow_cidrs,
         require_sni: p.require_sni,
+        timeouts: Timeouts { response },
+        mcp,
         when,
     })
+}
+
+/// `mcp:` lists: exact names or a trailing `*`.
+fn compile_mcp(errs: &mut Errors<'_>, ctx: &str, m: McpSpec) -> McpRules {
+    let mut list = |key: &str, entries: Vec<Located<String>>| -> Vec<NamePattern> {
+        entries
+            .into_iter()
+            .filter_map(|e| {
+                let parsed = NamePattern::parse(&e.value);
+                if parsed.is_none() {
+                    errs.push(
+                        e.line,
+                        ctx,
+                        format!("invalid mcp.{key} entry {:?}: `*` only at the end", e.value),
+                    );
+                }
+                parsed
+            })
+            .collect()
+    };
+    McpRules {
+        tools: list("tools", m.tools),
+        resources: list("resources", m.resources),
+        prompts: list("prompts", m.prompts),
+    }
+}
+
+/// A duration as gateway.yaml writes them (`300s`, `5m`, `1m 30s`); zero is refused.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("not a duration like 300s or 5m ({e})")),
+    }
 }
 
 fn compile_upstream(

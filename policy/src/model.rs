@@ -135,6 +135,41 @@ pub struct PathwaySpec {
     /// Check the TLS ClientHello's SNI against the CONNECT host on every port, not only 443.
     #[serde(default)]
     pub require_sni: bool,
+    /// Overrides of gateway.yaml `timeouts` for requests this pathway forwards.
+    #[serde(default)]
+    pub timeouts: PathwayTimeoutsSpec,
+    /// Model Context Protocol server (L7 only): what the agent may call on it.
+    #[serde(default)]
+    pub mcp: Option<McpSpec>,
+}
+
+/// What an agent may use on an MCP server. Every JSON-RPC message is checked: a
+/// `tools/call`, `resources/read` or `prompts/get` of something not listed is answered
+/// by the gateway with a JSON-RPC error, and `tools/list`, `resources/list` and
+/// `prompts/list` answers are filtered to what is listed. A list left out allows
+/// nothing of its kind.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpSpec {
+    /// Tool names: exact, or a trailing `*` as a prefix (`read_*`).
+    #[serde(default)]
+    pub tools: Vec<Located<String>>,
+    /// Resource URIs: exact, or a trailing `*` as a prefix (`docs://*`).
+    #[serde(default)]
+    pub resources: Vec<Located<String>>,
+    /// Prompt names: exact, or a trailing `*` as a prefix.
+    #[serde(default)]
+    pub prompts: Vec<Located<String>>,
+}
+
+/// Per pathway timeouts; all optional.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PathwayTimeoutsSpec {
+    /// Time to the upstream's response headers, e.g. `300s` for slow LLM calls
+    /// (default: gateway.yaml `timeouts.response`). Past it the agent gets 504.
+    #[serde(default)]
+    pub response: Option<Located<String>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

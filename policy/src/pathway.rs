@@ -1,9 +1,11 @@
 //! Compiled pathways and the settings the gateway applies when one allows.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::cel_env::CelExpr;
 use crate::host::Destination;
+use crate::mcp::McpRules;
 use crate::spiffe_id::SpiffeId;
 
 #[derive(Debug)]
@@ -20,6 +22,9 @@ pub struct Pathway {
     pub allow_cidrs: Vec<ipnet::IpNet>,
     /// Tunnels check the ClientHello's SNI on any port (always on port 443).
     pub require_sni: bool,
+    pub timeouts: Timeouts,
+    /// `mcp:`: the JSON-RPC messages of requests on this pathway are checked one by one.
+    pub mcp: Option<McpRules>,
     pub(crate) when: Option<CelExpr>,
 }
 
@@ -32,6 +37,13 @@ pub struct Upstream {
     pub spiffe_id: Option<SpiffeId>,
     /// Lower-case header name and where its value comes from.
     pub inject_headers: Vec<(String, SecretRef)>,
+}
+
+/// A pathway's own timeouts; `None` = the gateway's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Time to the upstream's response headers.
+    pub response: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +78,9 @@ impl Pathway {
         self.when.as_ref().map(|w| w.source())
     }
 
-    /// Method check. A tunnel is CONNECT; an L7 pathway never carries a
-    /// tunnel, since the gateway could not apply its upstream settings to one.
+    /// Method check. A tunnel is CONNECT; an L7 pathway never carries an opaque
+    /// tunnel, since the gateway could not apply its upstream settings to one (a
+    /// CONNECT to its destination is intercepted instead, see `evaluate`).
     pub fn allows_method(&self, method: &str) -> bool {
         let connect = method.eq_ignore_ascii_case("CONNECT");
         if connect && self.is_l7() {

@@ -6,6 +6,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
+use crate::headers::HeaderView;
 use crate::spiffe_id::SpiffeId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +44,8 @@ pub struct Request<'a> {
     /// `""` for CONNECT.
     pub path: &'a str,
     pub query: &'a str,
-    /// Lower-case names. Repeated names are joined with `", "` for CEL.
-    pub headers: &'a [(String, String)],
+    /// What `request.headers` shows (see [`HeaderView`]).
+    pub headers: &'a HeaderView,
     pub llm_model: Option<&'a str>,
     pub now: SystemTime,
 }

@@ -9,6 +9,7 @@
 
 mod edit;
 pub mod group;
+mod mcp;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ use serde::Deserialize;
 
 use crate::decision::{Decision, Mode, Reason};
 use crate::error::PolicyError;
+use crate::headers::HeaderView;
 use crate::host::normalize_host;
 use crate::id_pattern::IdPattern;
 use crate::load::parse_yaml;
@@ -66,6 +68,10 @@ pub struct AuditEntry<'a> {
     pub rule: Option<Cow<'a, str>>,
     #[serde(borrow)]
     pub reason: Cow<'a, str>,
+    #[serde(borrow)]
+    pub mcp_method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub mcp_tool: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +172,8 @@ struct Stats {
     sample_path: String,
     /// Directory-level common prefix of every path seen (L7).
     prefix: Option<String>,
+    /// MCP messages and the tools they called.
+    mcp: mcp::McpSeen,
 }
 
 /// Counts of what [`Aggregator::add`] saw.
@@ -207,6 +215,9 @@ impl Aggregator {
         let kind = match &*e.kind {
             "connect" => RequestKind::Connect,
             "http" => RequestKind::Http,
+            // A connection the gateway closed (its peer's certificate expired or no
+            // longer verifies): not a request, nothing to suggest from.
+            "connection" => return Ok(()),
             k => return Err(bad("kind", format!("{k:?} is not connect or http"))),
         };
         let decision = &*e.decision;
@@ -284,6 +295,7 @@ impl Aggregator {
                 blocked: 0,
                 sample_path: path.to_owned(),
                 prefix: None,
+                mcp: mcp::McpSeen::default(),
             }),
         };
         s.count += 1;
@@ -304,6 +316,7 @@ impl Aggregator {
                 s.audit_only += 1;
             }
         }
+        s.mcp.add(e.mcp_method.as_deref(), e.mcp_tool.as_deref());
         if kind == RequestKind::Http {
             let dir = group::path_dir(path);
             s.prefix = Some(match s.prefix.take() {
@@ -378,7 +391,7 @@ fn request_for<'a>(s: &'a Stats, source: &'a SpiffeId) -> Request<'a> {
         port: s.port,
         path: &s.sample_path,
         query: "",
-        headers: &[],
+        headers: HeaderView::empty(),
         llm_model: None,
         now: SystemTime::now(),
     }
@@ -436,7 +449,7 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
     for (s, id) in stats.iter().zip(&ids) {
         let cur = loaded
             .as_ref()
-            .map(|(_, p, _)| p.evaluate(&request_for(s, id)));
+            .map(|(_, p, _)| mcp::evaluate(p, &request_for(s, id), &s.mcp));
         let st = if s.rule_count > 0 {
             Status::Rule(s.rule.clone().unwrap_or_default())
         } else if s.blocked > 0 {
@@ -454,6 +467,7 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
                 ),
                 Some(
                     r @ (Reason::ModelNotAllowed { .. }
+                    | Reason::McpNotAllowed { .. }
                     | Reason::ConditionNotMet
                     | Reason::ConditionError { .. }),
                 ) => Status::NeedsReview(r.to_string()),
@@ -596,12 +610,34 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
         }
     }
 
+    // 3b. Tools agents called on MCP pathways that do not list them, added in place.
+    let mcp_adds = match &loaded {
+        Some((_, p, _)) => mcp::additions(
+            p,
+            stats
+                .iter()
+                .zip(&ids)
+                .map(|(s, id)| (request_for(s, id), &s.mcp)),
+        ),
+        None => Vec::new(),
+    };
+    let (mcp_edit, mcp_failed) = match &loaded {
+        Some((c, _, file)) if !mcp_adds.is_empty() => {
+            mcp::apply(c.text, c.origin, file, &mcp_adds)
+        }
+        _ => (None, Vec::new()),
+    };
+
     // 4. The policy text.
-    let unchanged = added_pathways == 0 && opts.mode.is_none();
+    let unchanged = added_pathways == 0 && opts.mode.is_none() && mcp_edit.is_none();
     let policy_yaml = match &loaded {
         Some((c, p, file)) => {
+            let (base, file) = match &mcp_edit {
+                Some((t, f)) => (t.as_str(), f),
+                None => (c.text, file),
+            };
             if added_pathways == 0 && opts.mode.is_none_or(|m| m == p.mode()) {
-                c.text.to_owned()
+                base.to_owned()
             } else {
                 let ins = edit::Insertions {
                     pathways: pathway_blocks
@@ -611,7 +647,7 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
                     agents: &agents_block,
                     mode: opts.mode.filter(|m| *m != p.mode()),
                 };
-                let mut text = edit::edit(c.text, file, &ins)?;
+                let mut text = edit::edit(base, file, &ins)?;
                 if !text.starts_with("# yaml-language-server:") {
                     text = format!(
                         "# yaml-language-server: $schema={}\n{text}",
@@ -668,7 +704,9 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
     };
     let mut test_lines = String::new();
     for ((s, id), st) in stats.iter().zip(&ids).zip(&status) {
-        let d = suggested.as_ref().map(|p| p.evaluate(&request_for(s, id)));
+        let d = suggested
+            .as_ref()
+            .map(|p| mcp::evaluate(p, &request_for(s, id), &s.mcp));
         let agent = label(s, d.as_ref());
         let sec = sections.entry(agent.clone()).or_default();
         let what = format!("{} ({})", request_line(s), requests(s.count));
@@ -682,6 +720,10 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
             );
             let _ = writeln!(test_lines, "    source: {}", q(&s.source));
             let _ = writeln!(test_lines, "    request: {}", q(&request_line(s)));
+            if s.mcp.any {
+                // MCP traffic is JSON-RPC: the case carries a message no list gates.
+                let _ = writeln!(test_lines, "    mcp: {{ method: \"initialize\" }}");
+            }
             let _ = writeln!(test_lines, "    expect: {expect}");
             if let Some(p) = pathway {
                 let _ = writeln!(test_lines, "    pathway: {}", q(p));
@@ -740,6 +782,58 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
                 "{what}: meant to be allowed but the suggested policy denies it ({})",
                 d.as_ref().map(|d| d.reason.to_string()).unwrap_or_default()
             )),
+        }
+    }
+    // Each tool called on an MCP pathway, as the suggested policy decides it.
+    for ((s, id), st) in stats.iter().zip(&ids).zip(&status) {
+        let Some(p) = suggested.as_ref().filter(|_| !s.mcp.tools.is_empty()) else {
+            continue;
+        };
+        if matches!(st, Status::Rule(_) | Status::Blocked) {
+            continue;
+        }
+        let agent = label(s, None);
+        for tool in s.mcp.tools.keys() {
+            let d = p.evaluate_mcp(&request_for(s, id), Some(&mcp::tool_call(tool)));
+            if !d.allowed {
+                sections.entry(agent.clone()).or_default().notes.push(format!(
+                    "{}: tools/call {tool:?} stays denied ({}); not tested",
+                    request_line(s),
+                    d.reason
+                ));
+                continue;
+            }
+            cases += 1;
+            let _ = writeln!(
+                test_lines,
+                "  - name: {}",
+                q(&format!("{}: {} tools/call {tool} -> allow", s.source, request_line(s)))
+            );
+            let _ = writeln!(test_lines, "    source: {}", q(&s.source));
+            let _ = writeln!(test_lines, "    request: {}", q(&request_line(s)));
+            let _ = writeln!(test_lines, "    mcp: {{ tool: {} }}", q(tool));
+            let _ = writeln!(test_lines, "    expect: allow");
+            if let Some(pw) = d.pathway_name() {
+                let _ = writeln!(test_lines, "    pathway: {}", q(pw));
+            }
+        }
+    }
+    for add in &mcp_adds {
+        let sec = sections.entry(add.agent.clone()).or_default();
+        let tools: Vec<&str> = add.tools.iter().map(String::as_str).collect();
+        if mcp_failed.contains(&add) {
+            sec.notes.push(format!(
+                "pathway {:?}: tools called but not in mcp.tools: {}; add by hand",
+                add.pathway,
+                tools.join(", ")
+            ));
+        } else {
+            sec.added.push(format!(
+                "pathway {:?}: mcp.tools + {} ({})",
+                add.pathway,
+                tools.join(", "),
+                requests(add.calls)
+            ));
         }
     }
     if cases == 0 {

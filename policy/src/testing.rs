@@ -11,7 +11,9 @@ use serde::Deserialize;
 
 use crate::decision::Decision;
 use crate::error::PolicyError;
+use crate::headers::HeaderView;
 use crate::load::parse_yaml;
+use crate::mcp::{McpCall, PROMPTS_GET, RESOURCES_READ, RESOURCES_SUBSCRIBE, TOOLS_CALL};
 use crate::policy::Policy;
 use crate::request::{Request, RequestLine};
 use crate::spiffe_id::SpiffeId;
@@ -39,6 +41,9 @@ pub struct TestCase {
     /// The peer's `ip:port` (`source.address` in CEL).
     #[serde(default)]
     pub address: Option<String>,
+    /// The JSON-RPC message in the body of a request to an MCP server (`request.mcp`).
+    #[serde(default)]
+    pub mcp: Option<McpCase>,
     pub expect: Expect,
     /// The pathway that must allow.
     #[serde(default)]
@@ -49,6 +54,48 @@ pub struct TestCase {
     /// The agent entry the decision must name.
     #[serde(default)]
     pub agent: Option<String>,
+}
+
+/// One JSON-RPC message, e.g. `{tool: search_docs, arguments: {query: x}}`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct McpCase {
+    /// The JSON-RPC method; `tools/call` when left out and `tool` is set.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// The tool a `tools/call` calls.
+    #[serde(default)]
+    pub tool: Option<String>,
+    /// The URI of a `resources/read`.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// The prompt of a `prompts/get`.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// `params.arguments` of a `tools/call` or `prompts/get`.
+    #[serde(default)]
+    pub arguments: serde_json::Map<String, serde_json::Value>,
+}
+
+impl McpCase {
+    fn to_call(&self) -> Result<McpCall, String> {
+        let method = match (&self.method, &self.tool) {
+            (Some(m), _) => m.clone(),
+            (None, Some(_)) => TOOLS_CALL.to_owned(),
+            (None, None) => return Err("mcp: needs `method` (or `tool` for tools/call)".into()),
+        };
+        let name = match method.as_str() {
+            TOOLS_CALL => self.tool.clone(),
+            PROMPTS_GET => self.prompt.clone(),
+            RESOURCES_READ | RESOURCES_SUBSCRIBE => self.resource.clone(),
+            _ => None,
+        };
+        Ok(McpCall {
+            method,
+            name,
+            arguments: self.arguments.clone(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -76,8 +123,11 @@ pub struct PreparedCase {
     pub case: TestCase,
     source: SpiffeId,
     line: RequestLine,
-    headers: Vec<(String, String)>,
+    headers: HeaderView,
     address: Option<SocketAddr>,
+    /// A Gemini-style path's model, which wins over the case's `model` as it does live.
+    path_model: Option<String>,
+    mcp: Option<McpCall>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,16 +180,21 @@ pub fn parse_tests(yaml: &str, origin: &str) -> Result<Vec<PreparedCase>, TestFi
                         .map_err(|e| bad(format!("address {a:?}: {e}")))
                 })
                 .transpose()?;
-            let headers = case
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect();
+            let headers = HeaderView::new(&case.headers);
+            let path_model = crate::llm_model::model_from_path(&line.path);
+            let mcp = case
+                .mcp
+                .as_ref()
+                .map(McpCase::to_call)
+                .transpose()
+                .map_err(bad)?;
             Ok(PreparedCase {
                 source,
                 line,
                 headers,
                 address,
+                path_model,
+                mcp,
                 case,
             })
         })
@@ -166,7 +221,7 @@ impl PreparedCase {
             path: &self.line.path,
             query: &self.line.query,
             headers: &self.headers,
-            llm_model: self.case.model.as_deref(),
+            llm_model: self.path_model.as_deref().or(self.case.model.as_deref()),
             now: SystemTime::now(),
         }
     }
@@ -179,7 +234,7 @@ pub fn run_tests(policy: &Policy, cases: &[PreparedCase]) -> TestReport {
 }
 
 fn run_case(policy: &Policy, c: &PreparedCase) -> CaseResult {
-    let d = policy.evaluate(&c.request());
+    let d = policy.evaluate_mcp(&c.request(), c.mcp.as_ref());
     let case = &c.case;
     let mut passed = match case.expect {
         Expect::Allow => d.allowed,

@@ -114,7 +114,7 @@ impl R {
             port: self.port,
             path: &self.path,
             query: "",
-            headers: &self.headers,
+            headers: &HeaderView::new(self.headers.iter().map(|(k, v)| (k, v))),
             llm_model: self.model.as_deref(),
             now: SystemTime::now(),
         };
@@ -284,6 +284,48 @@ fn repeated_headers_are_joined() {
 }
 
 #[test]
+fn header_values_that_are_not_utf8_are_still_seen() {
+    let p = policy(
+        "version: 1\ntrust_domains: [example.org]\nrules:\n  - {name: no-exfil, action: deny, when: '\"x-exfil\" in request.headers'}\nagents:\n  - name: a\n    id: spiffe://example.org/a\n    pathways:\n      - {name: p, destinations: [\"example.com:80\"]}\n",
+    );
+    let id: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+    let headers = HeaderView::new([(&b"X-Exfil"[..], &b"caf\xe9"[..])]);
+    let d = p.evaluate(&Request {
+        source: &id,
+        source_address: None,
+        kind: RequestKind::Http,
+        method: "GET",
+        host: "example.com",
+        port: 80,
+        path: "/",
+        query: "",
+        headers: &headers,
+        llm_model: None,
+        now: SystemTime::now(),
+    });
+    assert_eq!(d.rule.as_deref(), Some("no-exfil"));
+}
+
+#[test]
+fn pathway_response_timeout() {
+    let yaml = |t: &str| {
+        format!(
+            "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: a\n    id: spiffe://example.org/a\n    pathways:\n      - name: llm\n        destinations: [\"api.example.com:443\"]\n        upstream: {{ tls: true }}\n        timeouts: {{ response: {t} }}\n"
+        )
+    };
+    let p = policy(&yaml("5m"));
+    let llm = p.pathways().find(|pw| pw.name == "llm").unwrap();
+    assert_eq!(
+        llm.timeouts.response,
+        Some(std::time::Duration::from_secs(300))
+    );
+    let e = err(&yaml("soon"));
+    assert!(e.contains("timeouts.response") && e.contains("soon"), "{e}");
+    assert!(err(&yaml("0s")).contains("longer than zero"));
+    assert!(err(&yaml("1s, connect: 2s")).contains("connect"));
+}
+
+#[test]
 fn methods_and_tunnels() {
     let p = policy(BASE);
     // `methods: [GET]` has no CONNECT: no tunnel
@@ -296,10 +338,21 @@ fn methods_and_tunnels() {
     assert_eq!(allowed_by(&d), Some("header-gated"));
     let d = http(RESEARCH, "DELETE", "api.internal.example", 8080, "/").eval(&p);
     assert_eq!(d.reason, Reason::MethodNotAllowed);
-    // an L7 pathway never carries a tunnel
+    // an L7 pathway's destination is intercepted even when a broader L4 pathway
+    // earlier in the file would tunnel it
+    let broad = policy(&BASE.replace(
+        "    pathways:\n",
+        "    pathways:\n      - name: any-tls\n        destinations: [\"*:443\"]\n",
+    ));
+    let d = connect(RESEARCH, "api.openai.com", 443).eval(&broad);
+    assert_eq!((d.reason.clone(), allowed_by(&d)), (Reason::Intercepted, Some("openai")));
+    assert_eq!(allowed_by(&connect(RESEARCH, "example.net", 443).eval(&broad)), Some("any-tls"));
+    // a tunnel to an L7 pathway's destination is intercepted, whatever its methods
+    // and `when` say: the requests inside are decided one by one
     let d = connect(RESEARCH, "api.openai.com", 443).eval(&p);
-    assert!(!d.allowed);
-    assert_eq!(d.reason, Reason::MethodNotAllowed);
+    assert!(d.allowed);
+    assert_eq!(d.reason, Reason::Intercepted);
+    assert!(d.pathway.as_ref().is_some_and(|p| p.is_l7()));
     // no methods on an L4 pathway: plain HTTP and tunnels both fine
     assert!(
         http(RESEARCH, "GET", "en.wikipedia.org", 443, "/")

@@ -155,6 +155,24 @@ impl TestCa {
         params
     }
 
+    /// This CA's own certificate (its chain up to, not including, the root) and its key
+    /// as PEM files: what an operator gives the gateway as `interception.ca_cert`/`ca_key`.
+    pub fn write_signing_files(&self, dir: &Path, stem: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+        let cert = dir.join(format!("{stem}.crt"));
+        let key = dir.join(format!("{stem}.key"));
+        let chain = if self.intermediates.is_empty() {
+            self.root_pem.clone()
+        } else {
+            self.intermediates
+                .iter()
+                .map(|c| pem("CERTIFICATE", c))
+                .collect::<String>()
+        };
+        std::fs::write(&cert, chain)?;
+        std::fs::write(&key, self.issuer.key().serialize_pem())?;
+        Ok((cert, key))
+    }
+
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
     }

@@ -43,6 +43,10 @@ pub struct GatewayOptions {
     pub resolver: Option<Arc<dyn Resolve>>,
     /// `telemetry.otlp_endpoint` (e.g. an `OtlpReceiver`'s endpoint).
     pub otlp_endpoint: Option<String>,
+    /// `telemetry.otlp_protocol` (`grpc`, the default, or `http/protobuf`).
+    pub otlp_protocol: Option<String>,
+    /// More keys of the `telemetry:` block, one `key: value` per line.
+    pub telemetry_extra: Vec<String>,
     /// `identity.spiffe_id`: which SVID is the gateway's when the Workload API serves
     /// several (real SPIRE, with every entry registered for this uid).
     pub identity_spiffe_id: Option<String>,
@@ -65,7 +69,7 @@ impl TestGateway {
         let config_path = dir.path().join("gateway.yaml");
         let has_timeouts = opts.extra_config.contains("timeouts:");
         let config = format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\n{}policy: {}\ntelemetry:\n  audit_log: {}\n{}{}shutdown_grace: 5s\n{}\n",
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nidentity:\n  workload_api: {workload_api}\n  startup_timeout: 20s\n{}policy: {}\ntelemetry:\n  audit_log: {}\n{}{}{}shutdown_grace: 5s\n{}\n",
             opts.identity_spiffe_id
                 .as_ref()
                 .map(|id| format!("  spiffe_id: {id}\n"))
@@ -76,6 +80,12 @@ impl TestGateway {
                 .as_ref()
                 .map(|e| format!("  otlp_endpoint: {e}\n"))
                 .unwrap_or_default(),
+            opts.otlp_protocol
+                .as_ref()
+                .map(|p| format!("  otlp_protocol: {p}\n"))
+                .into_iter()
+                .chain(opts.telemetry_extra.iter().map(|l| format!("  {l}\n")))
+                .collect::<String>(),
             if has_timeouts { "" } else { "timeouts: { handshake: 5s, request_header: 5s, connect: 5s, idle: 60s }\n" },
             opts.extra_config,
         );

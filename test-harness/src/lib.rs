@@ -5,7 +5,9 @@
 pub mod agent;
 pub mod ca;
 pub mod gateway;
+pub mod interop;
 pub mod llm_upstream;
+pub mod loopback;
 pub mod otlp;
 pub mod resolver;
 pub mod sidecar;

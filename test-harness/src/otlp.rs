@@ -216,3 +216,119 @@ impl Drop for OtlpReceiver {
         }
     }
 }
+
+/// An OTLP/HTTP receiver that is not ours: `interop/otlp_http_receiver.py`, decoding
+/// each `POST /v1/traces` with the official `opentelemetry-proto` Python messages, as
+/// the OpenTelemetry Collector's receiver does. Stops when dropped.
+pub struct HttpOtlpReceiver {
+    pub addr: SocketAddr,
+    spans: Arc<Mutex<Vec<CapturedSpan>>>,
+    child: tokio::process::Child,
+}
+
+impl HttpOtlpReceiver {
+    /// `None` (after a loud skip, or a failure under `EGRESS_REQUIRE_DEPS`) when the
+    /// interop venv lacks `opentelemetry-proto`. `status` other than 200 answers every
+    /// export with it, recording nothing (a collector shedding load).
+    pub async fn start(status: u16) -> anyhow::Result<Option<Self>> {
+        use anyhow::Context as _;
+        use tokio::io::AsyncBufReadExt as _;
+        let Some(python) = crate::interop::interop_python("opentelemetry.proto") else {
+            return Ok(None);
+        };
+        let mut child = tokio::process::Command::new(python)
+            .arg(crate::interop::interop_dir().join("otlp_http_receiver.py"))
+            .arg("--status")
+            .arg(status.to_string())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the Python OTLP/HTTP receiver")?;
+        let stdout = child.stdout.take().context("receiver stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .context("the receiver did not start in 20s")??
+            .context("the receiver exited before listening")?;
+        let port: u16 = first
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+            .with_context(|| format!("unexpected first line from the receiver: {first}"))?;
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let sink = spans.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if let Ok(mut s) = sink.lock() {
+                    s.push(captured_from_json(&v));
+                }
+            }
+        });
+        Ok(Some(HttpOtlpReceiver {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            spans,
+            child,
+        }))
+    }
+
+    /// `http://127.0.0.1:PORT` (the collector's base URL, as in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`), for `telemetry.otlp_endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn spans(&self) -> Vec<CapturedSpan> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until at least `n` spans arrived.
+    pub async fn wait_for_spans(&self, n: usize) -> Vec<CapturedSpan> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n || tokio::time::Instant::now() > deadline {
+                return spans;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the receiver: the port then refuses connections (a collector outage).
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn captured_from_json(v: &serde_json::Value) -> CapturedSpan {
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    let attributes = v["attributes"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, a)| {
+            let value = match a {
+                serde_json::Value::String(s) => AttrValue::Str(s.clone()),
+                serde_json::Value::Bool(b) => AttrValue::Bool(*b),
+                serde_json::Value::Number(n) if n.is_i64() => {
+                    AttrValue::Int(n.as_i64().unwrap_or_default())
+                }
+                other => AttrValue::Other(other.to_string()),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    CapturedSpan {
+        name: s("name"),
+        trace_id: s("trace_id"),
+        span_id: s("span_id"),
+        parent_span_id: s("parent_span_id"),
+        kind: v["kind"]
+            .as_i64()
+            .and_then(|k| i32::try_from(k).ok())
+            .unwrap_or_default(),
+        attributes,
+        service_name: v["service_name"].as_str().map(str::to_string),
+    }
+}

@@ -179,6 +179,9 @@ pub struct SpireOptions {
     pub trust_domain: String,
     /// The server's `default_x509_svid_ttl`; the agent rotates at about half of it.
     pub x509_svid_ttl: Duration,
+    /// The server's `agent_ttl`: the agent's own SVID, which bounds how long the agent
+    /// may stay stopped and still come back without a new join token.
+    pub agent_svid_ttl: Duration,
     /// Created before `start` returns, which waits until each one's SVID is served.
     pub entries: Vec<EntrySpec>,
 }
@@ -189,6 +192,7 @@ impl SpireOptions {
         SpireOptions {
             trust_domain: trust_domain.to_string(),
             x509_svid_ttl: Duration::from_secs(60),
+            agent_svid_ttl: Duration::from_secs(3600),
             entries: config_entries(trust_domain),
         }
     }
@@ -366,9 +370,10 @@ impl SpireFixture {
         let log_dir = dir("logs", 0o755)?;
         let server_port = free_port()?;
         let ttl = format!("{}s", opts.x509_svid_ttl.as_secs().max(1));
+        let agent_ttl = format!("{}s", opts.agent_svid_ttl.as_secs().max(1));
         let port = server_port.to_string();
 
-        let vars: [(&str, &str); 12] = [
+        let vars: [(&str, &str); 13] = [
             ("SERVER_BIND_ADDRESS", "127.0.0.1"),
             ("SERVER_ADDRESS", "127.0.0.1"),
             ("SERVER_PORT", &port),
@@ -378,6 +383,7 @@ impl SpireFixture {
             ("AGENT_DATA_DIR", path_str(&agent_data)?),
             ("TRUST_DOMAIN", &opts.trust_domain),
             ("X509_SVID_TTL", &ttl),
+            ("AGENT_SVID_TTL", &agent_ttl),
             ("LOG_LEVEL", "DEBUG"),
             // SPIRE's 5 s defaults would make every start and new entry ~5 s slower.
             ("SERVER_CACHE_RELOAD_INTERVAL", "1s"),
@@ -514,6 +520,22 @@ impl SpireFixture {
                 format!("restart without a join token failed first: {reuse_err:#}")
             })?;
         }
+        self.wait_serving().await
+    }
+
+    /// Starts the agent again on its stored agent SVID only, as an operator's restart
+    /// does (the join token was single-use): an error if it cannot come back on it.
+    pub async fn restart_agent_on_stored_svid(&mut self) -> anyhow::Result<()> {
+        if self.agent.is_some() {
+            bail!("spire-agent is already running");
+        }
+        let _ = fs::remove_file(&self.agent_socket);
+        self.spawn_agent(None).await?;
+        self.wait_serving().await
+    }
+
+    /// Waits until the agent serves SVIDs.
+    async fn wait_serving(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + PHASE_TIMEOUT;
         loop {
             match self.fetch_svids().await {

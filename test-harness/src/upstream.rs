@@ -62,7 +62,7 @@ impl CannedResponse {
 pub type Responder = Arc<dyn Fn(&RecordedRequest) -> Option<CannedResponse> + Send + Sync>;
 
 /// Aborts the server task on drop; the task owns every connection task, so they go too.
-struct Task(JoinHandle<()>);
+pub(crate) struct Task(JoinHandle<()>);
 impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();
@@ -71,7 +71,11 @@ impl Drop for Task {
 
 /// Accepts until aborted, running `serve` per connection inside a `JoinSet` so that
 /// aborting the accept task also ends keep-alive connections.
-fn spawn_accept_loop<F, Fut>(listener: TcpListener, connections: Arc<AtomicUsize>, serve: F) -> Task
+pub(crate) fn spawn_accept_loop<F, Fut>(
+    listener: TcpListener,
+    connections: Arc<AtomicUsize>,
+    serve: F,
+) -> Task
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,

@@ -119,8 +119,8 @@ async fn curl_with_a_client_certificate_through_the_gateway() {
     let (code, body) = status_and_body(&out);
     assert_eq!(code, "403");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(json["error"], "egress_denied");
-    assert_eq!(json["rule"], "no-paste-sites");
+    assert_eq!(json["error"]["type"], "egress_denied");
+    assert_eq!(json["error"]["rule"], "no-paste-sites");
 
     // HTTPS to a denied destination: curl reports the refused CONNECT.
     let out = curl(port, dir.path(), &[], "https://pastebin.com/").await;

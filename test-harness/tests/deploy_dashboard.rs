@@ -39,6 +39,7 @@ agents:
         allow_cidrs: [127.0.0.0/8, "::1/128"]
         limits:
           bytes_per_hour: 10000000
+          llm_tokens_per_hour: 100000000
 "#
     )
 }
@@ -269,6 +270,7 @@ async fn every_metric_the_dashboard_queries_is_exported() {
         "egress_active_tunnels",
         "egress_handshake_failures_total",
         "egress_svid_expiry_timestamp_seconds",
+        "egress_llm_tokens_total",
     ] {
         assert!(
             queried.contains(must),

@@ -9,6 +9,9 @@
 //!   the PodDisruptionBudget, ClusterSPIFFEIDs that give the IDs the policy names.
 //! - The real `kustomize build` renders both kustomizations, and the gateway mounts the
 //!   ConfigMaps it generates by their final (hashed) names.
+//! - With the TLS interception components, the CA (cert-manager) is what the gateway
+//!   mounts and its config names, its certificate (never its key) reaches `ai-workloads`
+//!   (trust-manager), and the example agent's TLS stacks trust the mounted file.
 //! - `docker-compose.yml` parses, and every file it mounts exists in the repository.
 //! - Every policy shipped with the deployment passes `policy check` (and its tests),
 //!   and every shipped `gateway.yaml` loads.
@@ -16,10 +19,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use egress_gateway::config::{Env, GatewayConfig, Overrides};
+use egress_gateway::config::{Env, GatewayConfig, Interception, Overrides};
 use egress_policy::testing::{parse_tests, run_tests};
 use egress_policy::Policy;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Probe, Secret, Service, ServiceAccount,
 };
@@ -153,17 +157,31 @@ struct Manifests {
     network_policies: Vec<NetworkPolicy>,
     config_maps: Vec<ConfigMap>,
     secrets: Vec<Secret>,
+    hpas: Vec<HorizontalPodAutoscaler>,
     cluster_spiffe_ids: Vec<Value>,
+    /// Prometheus Operator `ServiceMonitor`s and `PrometheusRule`s (CRDs, as values).
+    service_monitors: Vec<Value>,
+    prometheus_rules: Vec<Value>,
+    /// cert-manager `Issuer`s and `Certificate`s, trust-manager `Bundle`s (CRDs, so
+    /// checked by hand and kept as values).
+    issuers: Vec<Value>,
+    certificates: Vec<Value>,
+    bundles: Vec<Value>,
     /// Files with manifests, relative to `deploy/kubernetes`.
     files: BTreeSet<String>,
 }
 
 fn load_manifests() -> Manifests {
     let mut m = Manifests::default();
+    // A kustomize patch is a fragment of an object, not a manifest of its own.
+    let patches = patch_files();
     for path in yaml_files(&k8s_dir()) {
         let docs = yaml_docs(&path);
         let manifests: Vec<&Value> = docs.iter().filter(|d| is_manifest(d)).collect();
-        if manifests.is_empty() || path.file_name().unwrap() == "kustomization.yaml" {
+        if manifests.is_empty()
+            || path.file_name().unwrap() == "kustomization.yaml"
+            || patches.contains(&path)
+        {
             continue;
         }
         assert_eq!(
@@ -199,9 +217,30 @@ impl Manifests {
             }
             ("v1", "ConfigMap") => self.config_maps.push(strict(doc, origin)),
             ("v1", "Secret") => self.secrets.push(strict(doc, origin)),
+            ("autoscaling/v2", "HorizontalPodAutoscaler") => self.hpas.push(strict(doc, origin)),
+            ("monitoring.coreos.com/v1", "ServiceMonitor") => {
+                check_service_monitor(doc, origin);
+                self.service_monitors.push(doc.clone());
+            }
+            ("monitoring.coreos.com/v1", "PrometheusRule") => {
+                check_prometheus_rule(doc, origin);
+                self.prometheus_rules.push(doc.clone());
+            }
             ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID") => {
                 check_cluster_spiffe_id(doc, origin);
                 self.cluster_spiffe_ids.push(doc.clone());
+            }
+            ("cert-manager.io/v1", "Issuer") => {
+                check_issuer(doc, origin);
+                self.issuers.push(doc.clone());
+            }
+            ("cert-manager.io/v1", "Certificate") => {
+                check_certificate(doc, origin);
+                self.certificates.push(doc.clone());
+            }
+            ("trust.cert-manager.io/v1alpha1", "Bundle") => {
+                check_bundle(doc, origin);
+                self.bundles.push(doc.clone());
             }
             _ => panic!("{origin}: {api} {kind} is not a kind this test knows; add it"),
         }
@@ -270,6 +309,345 @@ fn check_cluster_spiffe_id(doc: &Value, origin: &str) {
             );
         }
     }
+}
+
+/// Every key of `obj` is one of `known`.
+fn check_keys(obj: &Value, known: &[&str], origin: &str, at: &str) {
+    let map = obj
+        .as_object()
+        .unwrap_or_else(|| panic!("{origin}: {at} is not a mapping"));
+    for k in map.keys() {
+        assert!(
+            known.contains(&k.as_str()),
+            "{origin}: unknown field {at}.{k} (typo?)"
+        );
+    }
+}
+
+/// The top level of a CRD object: `apiVersion`, `kind`, `metadata` with a name (and a
+/// namespace when `namespaced`), `spec`.
+fn check_crd_top(doc: &Value, namespaced: bool, origin: &str) {
+    check_keys(doc, &["apiVersion", "kind", "metadata", "spec"], origin, "");
+    assert!(doc["metadata"]["name"].is_string(), "{origin}: no name");
+    assert_eq!(
+        doc["metadata"]["namespace"].is_string(),
+        namespaced,
+        "{origin}: metadata.namespace (namespaced: {namespaced})"
+    );
+    assert!(doc["spec"].is_object(), "{origin}: no spec");
+}
+
+/// cert-manager `Issuer` (cert-manager.io/v1): exactly one issuer type.
+fn check_issuer(doc: &Value, origin: &str) {
+    check_crd_top(doc, true, origin);
+    let types = ["acme", "ca", "selfSigned", "vault", "venafi"];
+    check_keys(&doc["spec"], &types, origin, "spec");
+    assert_eq!(
+        doc["spec"].as_object().unwrap().len(),
+        1,
+        "{origin}: an Issuer has exactly one type"
+    );
+}
+
+/// cert-manager `Certificate` (cert-manager.io/v1 `CertificateSpec`).
+fn check_certificate(doc: &Value, origin: &str) {
+    check_crd_top(doc, true, origin);
+    let spec = &doc["spec"];
+    check_keys(
+        spec,
+        &[
+            "additionalOutputFormats",
+            "commonName",
+            "dnsNames",
+            "duration",
+            "emailAddresses",
+            "encodeUsagesInRequest",
+            "ipAddresses",
+            "isCA",
+            "issuerRef",
+            "keystores",
+            "literalSubject",
+            "nameConstraints",
+            "otherNames",
+            "privateKey",
+            "renewBefore",
+            "renewBeforePercentage",
+            "revisionHistoryLimit",
+            "secretName",
+            "secretTemplate",
+            "signatureAlgorithm",
+            "subject",
+            "uris",
+            "usages",
+        ],
+        origin,
+        "spec",
+    );
+    assert!(spec["secretName"].is_string(), "{origin}: spec.secretName");
+    check_keys(
+        &spec["issuerRef"],
+        &["name", "kind", "group"],
+        origin,
+        "spec.issuerRef",
+    );
+    assert!(
+        spec["issuerRef"]["name"].is_string(),
+        "{origin}: issuerRef.name"
+    );
+    if let Some(key) = spec.get("privateKey") {
+        check_keys(
+            key,
+            &["algorithm", "encoding", "rotationPolicy", "size"],
+            origin,
+            "spec.privateKey",
+        );
+        for (field, allowed) in [
+            ("algorithm", &["RSA", "ECDSA", "Ed25519"][..]),
+            ("encoding", &["PKCS1", "PKCS8"][..]),
+            ("rotationPolicy", &["Never", "Always"][..]),
+        ] {
+            if let Some(v) = key.get(field) {
+                assert!(
+                    v.as_str().is_some_and(|v| allowed.contains(&v)),
+                    "{origin}: spec.privateKey.{field} {v} is not one of {allowed:?}"
+                );
+            }
+        }
+    }
+    if let Some(subject) = spec.get("subject") {
+        check_keys(
+            subject,
+            &[
+                "countries",
+                "localities",
+                "organizationalUnits",
+                "organizations",
+                "postalCodes",
+                "provinces",
+                "serialNumber",
+                "streetAddresses",
+            ],
+            origin,
+            "spec.subject",
+        );
+    }
+    if let Some(t) = spec.get("secretTemplate") {
+        check_keys(t, &["annotations", "labels"], origin, "spec.secretTemplate");
+    }
+    let usages = [
+        "signing",
+        "digital signature",
+        "content commitment",
+        "key encipherment",
+        "key agreement",
+        "data encipherment",
+        "cert sign",
+        "crl sign",
+        "encipher only",
+        "decipher only",
+        "any",
+        "server auth",
+        "client auth",
+        "code signing",
+        "email protection",
+        "s/mime",
+        "ipsec end system",
+        "ipsec tunnel",
+        "ipsec user",
+        "timestamping",
+        "ocsp signing",
+        "microsoft sgc",
+        "netscape sgc",
+    ];
+    for u in spec["usages"].as_array().into_iter().flatten() {
+        assert!(
+            u.as_str().is_some_and(|u| usages.contains(&u)),
+            "{origin}: unknown usage {u}"
+        );
+    }
+    for field in ["duration", "renewBefore"] {
+        if let Some(d) = spec.get(field) {
+            go_duration(d.as_str().unwrap_or_default())
+                .unwrap_or_else(|| panic!("{origin}: spec.{field} {d} is not a Go duration"));
+        }
+    }
+}
+
+/// Prometheus Operator `ServiceMonitor` (monitoring.coreos.com/v1), the fields used here.
+fn check_service_monitor(doc: &Value, origin: &str) {
+    check_crd_top(doc, true, origin);
+    let spec = &doc["spec"];
+    check_keys(
+        spec,
+        &[
+            "endpoints",
+            "namespaceSelector",
+            "selector",
+            "jobLabel",
+            "targetLabels",
+            "podTargetLabels",
+            "sampleLimit",
+            "scrapeProtocols",
+        ],
+        origin,
+        "spec",
+    );
+    let _: LabelSelector = strict(&spec["selector"], &format!("{origin}: spec.selector"));
+    let endpoints = spec["endpoints"].as_array().expect("spec.endpoints");
+    assert!(!endpoints.is_empty(), "{origin}: no endpoints");
+    for (i, e) in endpoints.iter().enumerate() {
+        check_keys(
+            e,
+            &[
+                "port",
+                "path",
+                "scheme",
+                "interval",
+                "scrapeTimeout",
+                "honorLabels",
+                "relabelings",
+                "metricRelabelings",
+            ],
+            origin,
+            &format!("spec.endpoints[{i}]"),
+        );
+        for field in ["interval", "scrapeTimeout"] {
+            if let Some(d) = e.get(field) {
+                go_duration(d.as_str().unwrap_or_default())
+                    .unwrap_or_else(|| panic!("{origin}: {field} {d} is not a duration"));
+            }
+        }
+    }
+    if let Some(ns) = spec.get("namespaceSelector") {
+        check_keys(ns, &["any", "matchNames"], origin, "spec.namespaceSelector");
+    }
+}
+
+/// Prometheus Operator `PrometheusRule`: groups of alerting rules, each with the
+/// fields Prometheus reads (the expressions themselves are checked by promtool).
+fn check_prometheus_rule(doc: &Value, origin: &str) {
+    check_crd_top(doc, true, origin);
+    check_keys(&doc["spec"], &["groups"], origin, "spec");
+    let groups = doc["spec"]["groups"].as_array().expect("spec.groups");
+    assert!(!groups.is_empty(), "{origin}: no groups");
+    for (g, group) in groups.iter().enumerate() {
+        check_keys(
+            group,
+            &["name", "interval", "rules"],
+            origin,
+            &format!("groups[{g}]"),
+        );
+        for (r, rule) in group["rules"].as_array().expect("rules").iter().enumerate() {
+            let at = format!("groups[{g}].rules[{r}]");
+            check_keys(
+                rule,
+                &[
+                    "alert",
+                    "record",
+                    "expr",
+                    "for",
+                    "keep_firing_for",
+                    "labels",
+                    "annotations",
+                ],
+                origin,
+                &at,
+            );
+            assert!(rule["expr"].is_string(), "{origin}: {at}.expr");
+            if rule.get("alert").is_some() {
+                let severity = rule["labels"]["severity"].as_str();
+                assert!(
+                    matches!(severity, Some("critical" | "warning")),
+                    "{origin}: {at}: labels.severity critical or warning, not {severity:?}"
+                );
+                for a in ["summary", "description"] {
+                    assert!(
+                        rule["annotations"][a].is_string(),
+                        "{origin}: {at}: annotations.{a}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// trust-manager `Bundle` (trust.cert-manager.io/v1alpha1), cluster-scoped.
+fn check_bundle(doc: &Value, origin: &str) {
+    check_crd_top(doc, false, origin);
+    let spec = &doc["spec"];
+    check_keys(spec, &["sources", "target"], origin, "spec");
+    let sources = spec["sources"].as_array().expect("spec.sources");
+    assert!(!sources.is_empty(), "{origin}: no sources");
+    for (i, src) in sources.iter().enumerate() {
+        let at = format!("spec.sources[{i}]");
+        check_keys(
+            src,
+            &["configMap", "secret", "inLine", "useDefaultCAs"],
+            origin,
+            &at,
+        );
+        assert_eq!(
+            src.as_object().unwrap().len(),
+            1,
+            "{origin}: {at} has exactly one source"
+        );
+        for kind in ["configMap", "secret"] {
+            if let Some(r) = src.get(kind) {
+                check_keys(
+                    r,
+                    &["name", "key", "selector", "includeAllKeys"],
+                    origin,
+                    &format!("{at}.{kind}"),
+                );
+            }
+        }
+    }
+    let target = &spec["target"];
+    check_keys(
+        target,
+        &[
+            "configMap",
+            "secret",
+            "additionalFormats",
+            "namespaceSelector",
+        ],
+        origin,
+        "spec.target",
+    );
+    for kind in ["configMap", "secret"] {
+        if let Some(t) = target.get(kind) {
+            check_keys(
+                t,
+                &["key", "metadata"],
+                origin,
+                &format!("spec.target.{kind}"),
+            );
+            assert!(t["key"].is_string(), "{origin}: spec.target.{kind}.key");
+        }
+    }
+    if let Some(sel) = target.get("namespaceSelector") {
+        let _: LabelSelector = strict(sel, &format!("{origin}: spec.target.namespaceSelector"));
+    }
+}
+
+/// A Go `time.ParseDuration` string made of `h`, `m` and `s` parts (`8760h`, `1h30m`).
+fn go_duration(s: &str) -> Option<std::time::Duration> {
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: u64 = std::mem::take(&mut digits).parse().ok()?;
+        total += n * match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+    }
+    (digits.is_empty() && !s.is_empty()).then(|| std::time::Duration::from_secs(total))
 }
 
 /// The ID the controller manager would render for a pod (the templates used here).
@@ -486,11 +864,27 @@ fn kustomizations() -> Vec<(PathBuf, Value)> {
         .collect()
 }
 
-/// `name` of a configMapGenerator entry: (file key -> source path, hash disabled).
+/// Every file a kustomization or component names under `patches` (`path:` entries).
+fn patch_files() -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    for (path, k) in kustomizations() {
+        let dir = path.parent().unwrap();
+        for p in k["patches"].as_array().into_iter().flatten() {
+            if let Some(file) = p["path"].as_str() {
+                out.insert(dir.join(file));
+            }
+        }
+    }
+    out
+}
+
+/// `name` of a configMapGenerator entry that creates the ConfigMap (not a component's
+/// `behavior: replace` or `merge`): (file key -> source path, hash disabled).
 fn config_map_generator(name: &str) -> (BTreeMap<String, String>, bool) {
     for (_, k) in kustomizations() {
         for g in k["configMapGenerator"].as_array().into_iter().flatten() {
-            if g["name"] == name {
+            let creates = g["behavior"].as_str().is_none_or(|b| b == "create");
+            if g["name"] == name && creates {
                 let files = g["files"]
                     .as_array()
                     .unwrap()
@@ -513,9 +907,23 @@ fn gateway_deployment(m: &Manifests) -> (&str, &Deployment) {
     let (origin, d) = m
         .deployments
         .iter()
-        .find(|(_, d)| namespace_of(&d.metadata) == GATEWAY_NS)
-        .expect("a Deployment in the egress-gateway namespace");
+        .find(|(_, d)| {
+            namespace_of(&d.metadata) == GATEWAY_NS
+                && d.metadata.name.as_deref() == Some("egress-gateway")
+        })
+        .expect("the Deployment egress-gateway in the egress-gateway namespace");
     (origin, d)
+}
+
+/// The gateway's Service (the namespace may hold others, such as Redis's).
+fn gateway_service(m: &Manifests) -> &Service {
+    m.services
+        .iter()
+        .find(|s| {
+            namespace_of(&s.metadata) == GATEWAY_NS
+                && s.metadata.name.as_deref() == Some("egress-gateway")
+        })
+        .expect("Service egress-gateway")
 }
 
 fn gateway_container(d: &Deployment) -> &Container {
@@ -559,6 +967,17 @@ fn every_manifest_parses_into_the_kubernetes_api_types() {
             meta.name
         );
     }
+    // The interception component's CA lives with the gateway (the Bundle is
+    // cluster-scoped; check_bundle checks that it names no namespace).
+    assert_eq!(m.certificates.len(), 1, "the interception CA");
+    assert_eq!(m.bundles.len(), 1, "the interception CA's Bundle");
+    for doc in m.issuers.iter().chain(&m.certificates) {
+        assert_eq!(
+            doc["metadata"]["namespace"], GATEWAY_NS,
+            "{}",
+            doc["metadata"]["name"]
+        );
+    }
 }
 
 #[test]
@@ -567,14 +986,38 @@ fn kustomizations_list_every_manifest_and_every_file_they_name_exists() {
     let mut listed = BTreeSet::new();
     for (path, k) in kustomizations() {
         let dir = path.parent().unwrap();
-        assert_eq!(
-            k["apiVersion"],
-            "kustomize.config.k8s.io/v1beta1",
-            "{}",
-            rel(&path)
-        );
-        assert_eq!(k["kind"], "Kustomization", "{}", rel(&path));
-        for r in k["resources"].as_array().unwrap() {
+        // Kustomizations (kubectl apply -k) and the opt-in components they may list.
+        let api = if k["kind"] == "Component" {
+            "kustomize.config.k8s.io/v1alpha1"
+        } else {
+            assert_eq!(k["kind"], "Kustomization", "{}", rel(&path));
+            assert!(
+                k["resources"].as_array().is_some_and(|r| !r.is_empty()),
+                "{}: no resources",
+                rel(&path)
+            );
+            "kustomize.config.k8s.io/v1beta1"
+        };
+        assert_eq!(k["apiVersion"], api, "{}", rel(&path));
+        for c in k["components"].as_array().into_iter().flatten() {
+            let c = c.as_str().unwrap();
+            let comp = dir.join(c).join("kustomization.yaml");
+            assert!(
+                comp.is_file() && yaml_docs(&comp)[0]["kind"] == "Component",
+                "{}: component {c} is not a directory with a Component",
+                rel(&path)
+            );
+        }
+        for p in k["patches"].as_array().into_iter().flatten() {
+            if let Some(file) = p["path"].as_str() {
+                assert!(
+                    dir.join(file).is_file(),
+                    "{}: patch {file} does not exist",
+                    rel(&path)
+                );
+            }
+        }
+        for r in k["resources"].as_array().into_iter().flatten() {
             let r = r.as_str().unwrap();
             let file = dir.join(r);
             assert!(
@@ -611,7 +1054,11 @@ fn kustomizations_list_every_manifest_and_every_file_they_name_exists() {
 
 #[test]
 fn both_namespaces_enforce_the_restricted_pod_security_profile() {
-    let m = load_manifests();
+    check_pod_security(&load_manifests());
+}
+
+/// Both namespaces carry the `restricted` labels, and every pod passes the profile.
+fn check_pod_security(m: &Manifests) {
     for name in [GATEWAY_NS, AGENTS_NS] {
         let ns = m
             .namespaces
@@ -637,8 +1084,11 @@ fn both_namespaces_enforce_the_restricted_pod_security_profile() {
 
 #[test]
 fn the_gateway_deployment_is_highly_available_and_hardened() {
-    let m = load_manifests();
-    let (origin, d) = gateway_deployment(&m);
+    check_gateway_deployment(&load_manifests(), &gateway_config());
+}
+
+fn check_gateway_deployment(m: &Manifests, cfg: &GatewayConfig) {
+    let (origin, d) = gateway_deployment(m);
     let spec = d.spec.as_ref().unwrap();
     let replicas = spec.replicas.unwrap_or(1);
     assert!(replicas >= 2, "{origin}: replicas {replicas}");
@@ -685,21 +1135,85 @@ fn the_gateway_deployment_is_highly_available_and_hardened() {
         "{origin}: anti-affinity per node on the gateway's own labels"
     );
 
-    // The grace period covers the gateway's own drain.
-    let cfg = gateway_config();
+    // Endpoints drain before the listener stops: a preStop delay (the sleep action, as
+    // the image has no shell) keeps accepting while the pod leaves the Service.
+    let c = gateway_container(d);
+    let pre_stop = c
+        .lifecycle
+        .as_ref()
+        .and_then(|l| l.pre_stop.as_ref())
+        .unwrap_or_else(|| panic!("{origin}: no preStop hook"));
+    assert!(
+        pre_stop.exec.is_none(),
+        "{origin}: the distroless image has no shell for an exec preStop"
+    );
+    let delay = pre_stop
+        .sleep
+        .as_ref()
+        .unwrap_or_else(|| panic!("{origin}: preStop is not a sleep action"))
+        .seconds;
+    assert!(
+        (3..=15).contains(&delay),
+        "{origin}: preStop sleeps {delay}s"
+    );
+
+    // The grace period covers the delay and then the gateway's own drain.
     let grace = pod.termination_grace_period_seconds.unwrap_or(30);
     assert!(
-        u64::try_from(grace).unwrap() > cfg.shutdown_grace.as_secs(),
-        "{origin}: terminationGracePeriodSeconds {grace} <= shutdown_grace"
+        u64::try_from(grace).unwrap()
+            > u64::try_from(delay).unwrap() + cfg.shutdown_grace.as_secs(),
+        "{origin}: terminationGracePeriodSeconds {grace} <= preStop {delay}s + shutdown_grace"
+    );
+    if let Some(class) = &pod.priority_class_name {
+        assert!(!class.is_empty(), "{origin}: an empty priorityClassName");
+    }
+
+    // The HPA scales this Deployment on CPU, never below the replicas the
+    // PodDisruptionBudget and the anti-affinity are sized for.
+    let hpa = m
+        .hpas
+        .iter()
+        .find(|h| namespace_of(&h.metadata) == GATEWAY_NS)
+        .expect("a HorizontalPodAutoscaler for the gateway");
+    let hpa_spec = hpa.spec.as_ref().unwrap();
+    assert_eq!(hpa_spec.scale_target_ref.kind, "Deployment");
+    assert_eq!(hpa_spec.scale_target_ref.name, "egress-gateway");
+    let min = hpa_spec.min_replicas.unwrap_or(1);
+    assert!(
+        min >= 2 && min <= hpa_spec.max_replicas,
+        "HPA: minReplicas {min}, maxReplicas {}",
+        hpa_spec.max_replicas
+    );
+    let cpu_target = hpa_spec
+        .metrics
+        .iter()
+        .flatten()
+        .filter_map(|m| m.resource.as_ref())
+        .find(|r| r.name == "cpu")
+        .and_then(|r| r.target.average_utilization)
+        .expect("HPA: a CPU utilization target");
+    assert!((30..=90).contains(&cpu_target), "HPA: cpu {cpu_target}%");
+    // Utilization is a share of the request: the container must have one.
+    let requests = c
+        .resources
+        .as_ref()
+        .and_then(|r| r.requests.as_ref())
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        requests.contains_key("cpu"),
+        "{origin}: a CPU request for the HPA"
     );
 }
 
 #[test]
 fn gateway_probes_use_the_admin_port_and_the_config_binds_it_on_the_pod_ip() {
-    let m = load_manifests();
-    let (origin, d) = gateway_deployment(&m);
+    check_probes(&load_manifests(), &gateway_config());
+}
+
+fn check_probes(m: &Manifests, cfg: &GatewayConfig) {
+    let (origin, d) = gateway_deployment(m);
     let c = gateway_container(d);
-    let cfg = gateway_config();
     assert!(
         cfg.admin.ip().is_unspecified(),
         "admin must bind 0.0.0.0 in the pod for the kubelet's probes, not {}",
@@ -727,19 +1241,11 @@ fn gateway_probes_use_the_admin_port_and_the_config_binds_it_on_the_pod_ip() {
 #[test]
 fn gateway_mounts_the_workload_api_through_the_csi_driver_and_its_config() {
     let m = load_manifests();
+    let policy = yaml_docs(&k8s_dir().join("config/policy.yaml")).remove(0);
+    check_gateway_mounts(&m, &gateway_config(), &policy);
     let (origin, d) = gateway_deployment(&m);
     let pod = pod_spec(d);
     let c = gateway_container(d);
-    let cfg = gateway_config();
-
-    let csi = spiffe_csi_volume(pod, origin);
-    let socket_dir = mount_path(c, &csi);
-    assert!(
-        cfg.workload_api
-            .starts_with(&format!("unix://{}/", socket_dir.trim_end_matches('/'))),
-        "{origin}: workload_api {} is not in the CSI mount {socket_dir}",
-        cfg.workload_api
-    );
 
     // gateway.yaml comes from the egress-gateway-config generator, policy.yaml from
     // egress-gateway-policy; the paths in args and config agree with the mounts.
@@ -760,6 +1266,47 @@ fn gateway_mounts_the_workload_api_through_the_csi_driver_and_its_config() {
         Some(format!("{config_dir}/gateway.yaml").as_str()),
         "{origin}: --config"
     );
+    let (files, no_hash) = config_map_generator("egress-gateway-policy");
+    assert!(files.contains_key("policy.yaml"));
+    assert!(
+        no_hash,
+        "the policy ConfigMap keeps its name, so updates reach the mounted file live"
+    );
+    let policy_dir = mount_path(c, &volume_for("egress-gateway-policy"));
+    assert_eq!(
+        gateway_config().policy,
+        Path::new(policy_dir).join("policy.yaml")
+    );
+    // The example Secret is the one the credential's volume names.
+    for v in pod.volumes.iter().flatten() {
+        if let Some(secret) = v.secret.as_ref().filter(|s| s.optional == Some(true)) {
+            assert!(
+                m.secrets
+                    .iter()
+                    .any(|s| s.metadata.name == secret.secret_name),
+                "{origin}: optional Secret {:?} has no example",
+                secret.secret_name
+            );
+        }
+    }
+}
+
+/// The Workload API socket through the CSI driver at the config's path, `run --config`,
+/// the policy from a mounted ConfigMap volume at the config's path, and every injected
+/// credential file on a mounted Secret volume.
+fn check_gateway_mounts(m: &Manifests, cfg: &GatewayConfig, policy: &Value) {
+    let (origin, d) = gateway_deployment(m);
+    let pod = pod_spec(d);
+    let c = gateway_container(d);
+
+    let csi = spiffe_csi_volume(pod, origin);
+    let socket_dir = mount_path(c, &csi);
+    assert!(
+        cfg.workload_api
+            .starts_with(&format!("unix://{}/", socket_dir.trim_end_matches('/'))),
+        "{origin}: workload_api {} is not in the CSI mount {socket_dir}",
+        cfg.workload_api
+    );
     assert_eq!(
         c.args
             .as_deref()
@@ -768,18 +1315,28 @@ fn gateway_mounts_the_workload_api_through_the_csi_driver_and_its_config() {
             .map(String::as_str),
         Some("run")
     );
+    assert!(arg_value(c, "--config").is_some(), "{origin}: --config");
 
-    let (files, no_hash) = config_map_generator("egress-gateway-policy");
-    assert!(files.contains_key("policy.yaml"));
+    let volume_at = |dir: &Path| {
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|vm| Path::new(&vm.mount_path) == dir)
+            .unwrap_or_else(|| panic!("{origin}: nothing mounted at {}", dir.display()));
+        assert_eq!(mount.read_only, Some(true), "{origin}: {}", mount.name);
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap_or_else(|| panic!("{origin}: no volume {}", mount.name))
+    };
     assert!(
-        no_hash,
-        "the policy ConfigMap keeps its name, so updates reach the mounted file live"
+        volume_at(cfg.policy.parent().unwrap()).config_map.is_some(),
+        "{origin}: the policy comes from a ConfigMap"
     );
-    let policy_dir = mount_path(c, &volume_for("egress-gateway-policy"));
-    assert_eq!(cfg.policy, Path::new(policy_dir).join("policy.yaml"));
 
     // Every injected credential file is on a mounted Secret.
-    let policy: Value = yaml_docs(&k8s_dir().join("config/policy.yaml")).remove(0);
     let mut secret_files = Vec::new();
     for agent in policy["agents"].as_array().unwrap() {
         for p in agent["pathways"].as_array().unwrap() {
@@ -796,14 +1353,11 @@ fn gateway_mounts_the_workload_api_through_the_csi_driver_and_its_config() {
     for f in secret_files {
         let mounted = c.volume_mounts.iter().flatten().any(|vm| {
             f.starts_with(&format!("{}/", vm.mount_path))
-                && pod.volumes.iter().flatten().any(|v| {
-                    v.name == vm.name
-                        && v.secret.as_ref().is_some_and(|s| {
-                            m.secrets
-                                .iter()
-                                .any(|sec| sec.metadata.name == s.secret_name)
-                        })
-                })
+                && pod
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .any(|v| v.name == vm.name && v.secret.is_some())
         });
         assert!(mounted, "{origin}: {f} is not on a mounted Secret");
     }
@@ -811,8 +1365,11 @@ fn gateway_mounts_the_workload_api_through_the_csi_driver_and_its_config() {
 
 #[test]
 fn service_and_disruption_budget_select_the_gateway() {
-    let m = load_manifests();
-    let (_, d) = gateway_deployment(&m);
+    check_service_and_pdb(&load_manifests());
+}
+
+fn check_service_and_pdb(m: &Manifests) {
+    let (_, d) = gateway_deployment(m);
     let labels = pod_labels(d);
     let replicas = d.spec.as_ref().unwrap().replicas.unwrap_or(1);
     let c = gateway_container(d);
@@ -915,16 +1472,22 @@ fn dns_ports() -> BTreeSet<(String, i32)> {
 }
 
 #[test]
-fn agents_can_only_reach_the_gateway_and_dns() {
-    let m = load_manifests();
-    let (_, d) = gateway_deployment(&m);
+fn agents_reach_only_the_gateway_and_dns_only_when_labelled() {
+    check_agent_network_policies(&load_manifests());
+}
+
+/// Agents reach the gateway's mTLS port and nothing else; DNS (a tunnel out) only in a
+/// policy that selects pods by a label, so an agent without it gets none.
+fn check_agent_network_policies(m: &Manifests) {
+    let (_, d) = gateway_deployment(m);
     let gateway_labels = pod_labels(d);
-    let policies = policies_in(&m, AGENTS_NS);
+    let policies = policies_in(m, AGENTS_NS);
     assert!(
         has_default_deny(&policies),
         "ai-workloads: a default-deny policy"
     );
     let mut reaches_gateway = false;
+    let mut dns_opt_in = false;
     for p in &policies {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref().unwrap();
@@ -932,6 +1495,11 @@ fn agents_can_only_reach_the_gateway_and_dns() {
             spec.ingress.as_ref().is_none_or(Vec::is_empty),
             "ai-workloads/{name}: agents accept no connections"
         );
+        let selects_by_label = spec
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .is_some_and(|l| !l.is_empty());
         for rule in spec.egress.iter().flatten() {
             let peers = rule.to.as_ref().filter(|t| !t.is_empty());
             let peers = peers.unwrap_or_else(|| panic!("ai-workloads/{name}: egress to anywhere"));
@@ -944,6 +1512,12 @@ fn agents_can_only_reach_the_gateway_and_dns() {
                         ports.is_subset(&dns_ports()),
                         "ai-workloads/{name}: DNS ports"
                     );
+                    assert!(
+                        selects_by_label,
+                        "ai-workloads/{name}: DNS for every agent (a tunnel out); select the \
+                         pods that need it by a label"
+                    );
+                    dns_opt_in = true;
                     continue;
                 }
                 let to_gateway_ns = peer
@@ -971,12 +1545,45 @@ fn agents_can_only_reach_the_gateway_and_dns() {
         reaches_gateway,
         "agents must be allowed to reach the gateway"
     );
+    assert!(dns_opt_in, "a documented way for agents that need DNS");
+    // An agent pod with no opt-in label gets no DNS from any policy.
+    let plain = BTreeMap::from([(
+        "app.kubernetes.io/name".to_string(),
+        "some-agent".to_string(),
+    )]);
+    for p in &policies {
+        let spec = p.spec.as_ref().unwrap();
+        let applies = spec
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| labels_match(s, &plain));
+        let dns = spec
+            .egress
+            .iter()
+            .flatten()
+            .flat_map(|r| r.to.iter().flatten())
+            .any(is_dns);
+        assert!(
+            !(applies && dns),
+            "ai-workloads/{}: gives an unlabelled agent DNS",
+            p.metadata.name.as_deref().unwrap_or_default()
+        );
+    }
 }
 
 #[test]
 fn the_gateway_is_reached_only_from_agents_and_reaches_only_the_internet() {
-    let m = load_manifests();
-    let policies = policies_in(&m, GATEWAY_NS);
+    check_gateway_network_policies(&load_manifests());
+}
+
+/// The gateway accepts agents on 8443 and Prometheus on 9901 only, and reaches the
+/// internet (never private, metadata, CGNAT or NAT64 ranges), kube-dns and named
+/// in-cluster peers. Other pods of its namespace (Redis) accept only the gateway and
+/// send nothing.
+fn check_gateway_network_policies(m: &Manifests) {
+    let (_, d) = gateway_deployment(m);
+    let gateway_labels = pod_labels(d);
+    let policies = policies_in(m, GATEWAY_NS);
     assert!(
         has_default_deny(&policies),
         "egress-gateway: a default-deny policy"
@@ -986,6 +1593,40 @@ fn the_gateway_is_reached_only_from_agents_and_reaches_only_the_internet() {
     for p in &policies {
         let name = p.metadata.name.clone().unwrap_or_default();
         let spec = p.spec.as_ref().unwrap();
+        let for_gateway = spec
+            .pod_selector
+            .as_ref()
+            .is_none_or(|s| labels_match(s, &gateway_labels));
+        if !for_gateway {
+            assert!(
+                spec.egress.as_ref().is_none_or(Vec::is_empty),
+                "egress-gateway/{name}: only the gateway's pods get egress rules"
+            );
+            for rule in spec.ingress.iter().flatten() {
+                let peers = rule.from.as_ref().filter(|f| !f.is_empty());
+                let peers =
+                    peers.unwrap_or_else(|| panic!("egress-gateway/{name}: ingress from anywhere"));
+                assert!(
+                    rule_ports(rule.ports.as_ref()).is_some(),
+                    "egress-gateway/{name}: ingress on every port"
+                );
+                for peer in peers {
+                    let gateway_only = peer
+                        .namespace_selector
+                        .as_ref()
+                        .is_some_and(|s| selects_namespace(s, GATEWAY_NS))
+                        && peer.pod_selector.as_ref().is_some_and(|s| {
+                            s.match_labels.as_ref().is_some_and(|l| !l.is_empty())
+                                && labels_match(s, &gateway_labels)
+                        });
+                    assert!(
+                        gateway_only,
+                        "egress-gateway/{name}: accepts something other than the gateway: {peer:?}"
+                    );
+                }
+            }
+            continue;
+        }
         for rule in spec.ingress.iter().flatten() {
             let peers = rule.from.as_ref().filter(|f| !f.is_empty());
             let peers =
@@ -1032,7 +1673,15 @@ fn the_gateway_is_reached_only_from_agents_and_reaches_only_the_internet() {
                             "127.0.0.0/8",
                         ]
                     } else if block.cidr == "::/0" {
-                        &["fc00::/7", "fe80::/10", "::1/128"]
+                        &[
+                            "fc00::/7",
+                            "fe80::/10",
+                            "::1/128",
+                            // IPv4-mapped and NAT64 addresses reach IPv4, private too.
+                            "::ffff:0:0/96",
+                            "64:ff9b::/96",
+                            "64:ff9b:1::/48",
+                        ]
                     } else {
                         panic!("egress-gateway/{name}: unexpected ipBlock {}", block.cidr)
                     };
@@ -1068,8 +1717,14 @@ fn the_gateway_is_reached_only_from_agents_and_reaches_only_the_internet() {
 
 #[test]
 fn cluster_spiffe_ids_give_the_ids_the_policy_and_the_sidecar_use() {
-    let m = load_manifests();
-    let (_, d) = gateway_deployment(&m);
+    let policy = yaml_docs(&k8s_dir().join("config/policy.yaml")).remove(0);
+    let agents = check_cluster_spiffe_ids(&load_manifests(), &policy);
+    assert!(agents >= 1, "an example agent Deployment");
+}
+
+/// Returns how many agent Deployments it checked.
+fn check_cluster_spiffe_ids(m: &Manifests, policy_yaml: &Value) -> usize {
+    let (_, d) = gateway_deployment(m);
     let gateway_labels = pod_labels(d);
     let by_ns = |ns: &str| -> &Value {
         m.cluster_spiffe_ids
@@ -1102,7 +1757,6 @@ fn cluster_spiffe_ids_give_the_ids_the_policy_and_the_sidecar_use() {
 
     let agents = by_ns(AGENTS_NS);
     let template = agents["spec"]["spiffeIDTemplate"].as_str().unwrap();
-    let policy_yaml: Value = yaml_docs(&k8s_dir().join("config/policy.yaml")).remove(0);
     let policy_ids: BTreeSet<&str> = policy_yaml["agents"]
         .as_array()
         .unwrap()
@@ -1113,11 +1767,7 @@ fn cluster_spiffe_ids_give_the_ids_the_policy_and_the_sidecar_use() {
 
     // Every agent Deployment's ID is one the policy names, and its sidecar accepts
     // exactly the gateway's ID at the Service's address.
-    let svc = m
-        .services
-        .iter()
-        .find(|s| namespace_of(&s.metadata) == GATEWAY_NS)
-        .unwrap();
+    let svc = gateway_service(m);
     let gateway_addr = format!(
         "{}.{}.svc:8443",
         svc.metadata.name.as_deref().unwrap(),
@@ -1149,7 +1799,7 @@ fn cluster_spiffe_ids_give_the_ids_the_policy_and_the_sidecar_use() {
         );
         check_sidecar(origin, pod, &gateway_id, &gateway_addr);
     }
-    assert!(agent_deployments >= 1, "an example agent Deployment");
+    agent_deployments
 }
 
 fn check_sidecar(origin: &str, pod: &PodSpec, gateway_id: &str, gateway_addr: &str) {
@@ -1235,10 +1885,20 @@ fn shipped_dirs() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The YAML files under the shipped folders; a Helm chart's templates are Go templates
+/// (rendered and checked by the Helm tests), not YAML.
+fn shipped_yaml_files() -> Vec<PathBuf> {
+    shipped_dirs()
+        .iter()
+        .flat_map(|d| yaml_files(d))
+        .filter(|p| !p.components().any(|c| c.as_os_str() == "templates"))
+        .collect()
+}
+
 #[test]
 fn every_shipped_policy_passes_policy_check_and_its_tests() {
     let mut checked = 0;
-    for path in shipped_dirs().iter().flat_map(|d| yaml_files(d)) {
+    for path in shipped_yaml_files() {
         let docs = yaml_docs(&path);
         let Some(doc) = docs.first() else { continue };
         if docs.len() != 1 || doc.get("trust_domains").is_none() || is_manifest(doc) {
@@ -1265,7 +1925,7 @@ fn every_shipped_policy_passes_policy_check_and_its_tests() {
 #[test]
 fn every_shipped_gateway_config_loads() {
     let mut loaded = 0;
-    for path in shipped_dirs().iter().flat_map(|d| yaml_files(d)) {
+    for path in shipped_yaml_files() {
         if path.file_name().unwrap() != "gateway.yaml" {
             continue;
         }
@@ -1314,16 +1974,38 @@ fn the_dockerfile_builds_the_binary_into_a_non_root_image() {
 /// The kustomize binary `scripts/install-kustomize.sh` built, or `None` after a loud
 /// message (a failure under `scripts/test.sh` or in CI).
 fn kustomize() -> Option<PathBuf> {
-    let candidates = std::env::var_os("EGRESS_KUSTOMIZE")
+    tool(
+        "kustomize",
+        "EGRESS_KUSTOMIZE",
+        "scripts/install-kustomize.sh",
+    )
+}
+
+/// helm, built by `scripts/install-helm.sh`.
+fn helm() -> Option<PathBuf> {
+    tool("helm", "EGRESS_HELM", "scripts/install-helm.sh")
+}
+
+/// promtool, built by `scripts/install-promtool.sh`.
+fn promtool() -> Option<PathBuf> {
+    tool("promtool", "EGRESS_PROMTOOL", "scripts/install-promtool.sh")
+}
+
+/// A tool the install scripts build: `$env_var`, then
+/// ~/.cache/egress-gateway/bin/NAME, then PATH; `None` after a loud message when it is
+/// missing (a failure where the dependencies are required).
+fn tool(name: &str, env_var: &str, script: &str) -> Option<PathBuf> {
+    let candidates = std::env::var_os(env_var)
         .map(PathBuf::from)
         .into_iter()
-        .chain(
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/egress-gateway/bin/kustomize")),
-        )
+        .chain(std::env::var_os("HOME").map(|h| {
+            PathBuf::from(h)
+                .join(".cache/egress-gateway/bin")
+                .join(name)
+        }))
         .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
             std::env::split_paths(&p)
-                .map(|d| d.join("kustomize"))
+                .map(|d| d.join(name))
                 .collect::<Vec<_>>()
         }));
     for c in candidates {
@@ -1333,9 +2015,9 @@ fn kustomize() -> Option<PathBuf> {
     }
     assert!(
         !test_harness::deps_required(),
-        "kustomize is required here (scripts/install-kustomize.sh builds it)"
+        "{name} is required here ({script} builds it)"
     );
-    eprintln!("SKIPPED: kustomize not installed (scripts/install-kustomize.sh)");
+    eprintln!("SKIPPED: {name} not installed ({script})");
     None
 }
 
@@ -1371,18 +2053,29 @@ fn kustomize_renders_the_deployment_with_its_generated_config_maps_wired_in() {
     // Everything the files hold (but the example agent and the example Secret, which
     // are applied on their own), plus the two generated ConfigMaps.
     let files = load_manifests();
-    let gateway_only = |m: &Manifests| {
-        m.deployments
-            .iter()
-            .filter(|(_, d)| namespace_of(&d.metadata) == GATEWAY_NS)
-            .count()
-    };
-    assert_eq!(rendered.deployments.len(), 1);
-    assert_eq!(gateway_only(&rendered), gateway_only(&files));
+    assert_eq!(
+        rendered.deployments.len(),
+        1,
+        "the gateway alone (Redis is opt-in)"
+    );
+    gateway_deployment(&rendered);
     assert!(rendered.secrets.is_empty());
+    // Shared limits and the Prometheus Operator objects are opt-in too.
+    assert!(
+        rendered.service_monitors.is_empty() && rendered.prometheus_rules.is_empty(),
+        "the base needs no Prometheus Operator CRDs"
+    );
+    assert_eq!(rendered.hpas.len(), 1);
+    // Interception is opt-in: the base needs neither cert-manager nor trust-manager.
+    assert!(
+        rendered.certificates.is_empty()
+            && rendered.issuers.is_empty()
+            && rendered.bundles.is_empty(),
+        "the base renders no cert-manager or trust-manager objects"
+    );
     assert_eq!(
         rendered.network_policies.len(),
-        files.network_policies.len()
+        yaml_docs(&k8s_dir().join("networkpolicies.yaml")).len()
     );
     assert_eq!(
         rendered.cluster_spiffe_ids.len(),
@@ -1472,6 +2165,1087 @@ fn kustomize_renders_the_deployment_with_its_generated_config_maps_wired_in() {
         .deployments
         .iter()
         .all(|(_, d)| namespace_of(&d.metadata) == AGENTS_NS));
+}
+
+// === TLS interception (components, rendered by the real kustomize) ===
+
+const INTERCEPTION_TRUST_VARS: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "NODE_EXTRA_CA_CERTS",
+    "CURL_CA_BUNDLE",
+];
+
+/// `kustomize build` of a throwaway overlay, as an operator opts in to a component:
+/// `resources` and `components` are directories relative to `deploy/kubernetes` ("" is
+/// the base). Parsed, typed and checked like the shipped files.
+fn render_overlay(bin: &Path, resources: &[&str], components: &[&str]) -> (Manifests, Vec<Value>) {
+    let overlay = tempfile::tempdir().unwrap();
+    let from = overlay.path().canonicalize().unwrap();
+    // kustomize refuses absolute paths: climb from the overlay to /, then go down.
+    let up: Vec<&str> = from.components().skip(1).map(|_| "..").collect();
+    let k8s = k8s_dir().canonicalize().unwrap();
+    let to = |p: &&str| {
+        let target = if p.is_empty() {
+            k8s.clone()
+        } else {
+            k8s.join(p)
+        };
+        format!("{}{}", up.join("/"), target.display())
+    };
+    let kustomization = serde_json::json!({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": resources.iter().map(to).collect::<Vec<_>>(),
+        "components": components.iter().map(to).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        serde_json::to_string_pretty(&kustomization).unwrap(),
+    )
+    .unwrap();
+    let docs = kustomize_build(bin, overlay.path());
+    let what = format!("kustomize build of resources {resources:?} + components {components:?}");
+    let mut m = Manifests::default();
+    for (i, doc) in docs.iter().enumerate() {
+        m.add(doc, &format!("{what} (document {})", i + 1));
+    }
+    for (origin, d) in &m.deployments {
+        check_restricted(pod_spec(d), origin);
+    }
+    (m, docs)
+}
+
+/// The rendered ConfigMap named `name`.
+fn rendered_config_map<'a>(m: &'a Manifests, name: &str) -> &'a ConfigMap {
+    m.config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("no rendered ConfigMap {name}"))
+}
+
+/// The gateway.yaml the rendered gateway Deployment reads: the file `--config` names,
+/// from the ConfigMap volume mounted at its directory.
+fn rendered_gateway_yaml(m: &Manifests) -> String {
+    let (origin, d) = gateway_deployment(m);
+    let c = gateway_container(d);
+    let config = Path::new(arg_value(c, "--config").expect("--config"));
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|vm| Path::new(&vm.mount_path) == config.parent().unwrap())
+        .unwrap_or_else(|| panic!("{origin}: nothing mounted at {}", config.display()));
+    let cm = pod_spec(d)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.config_map.as_ref())
+        .unwrap_or_else(|| panic!("{origin}: {} is not a ConfigMap volume", mount.name));
+    let file = config.file_name().unwrap().to_str().unwrap();
+    rendered_config_map(m, &cm.name)
+        .data
+        .as_ref()
+        .and_then(|d| d.get(file))
+        .unwrap_or_else(|| panic!("ConfigMap {} has no {file}", cm.name))
+        .clone()
+}
+
+fn yaml_value(text: &str, origin: &str) -> Value {
+    serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{origin}: not valid YAML: {e}"))
+}
+
+/// Checks the gateway's side of interception in a rendered overlay: the Deployment
+/// mounts Secret `secret` read-only with tls.crt -> ca.crt and tls.key -> ca.key, the
+/// config's `interception` block names exactly those files and is the only change to
+/// the base's gateway.yaml, and the gateway's own loader reads it so. Returns what the
+/// gateway loaded.
+fn check_gateway_interception(m: &Manifests, secret: &str) -> Interception {
+    let (origin, d) = gateway_deployment(m);
+    let c = gateway_container(d);
+    let volume = pod_spec(d)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| {
+            v.secret
+                .as_ref()
+                .is_some_and(|s| s.secret_name.as_deref() == Some(secret))
+        })
+        .unwrap_or_else(|| panic!("{origin}: no volume for the CA Secret {secret}"));
+    let src = volume.secret.as_ref().unwrap();
+    assert_ne!(
+        src.optional,
+        Some(true),
+        "{origin}: the gateway must not start without its interception CA"
+    );
+    let items: BTreeMap<&str, &str> = src
+        .items
+        .iter()
+        .flatten()
+        .map(|i| (i.key.as_str(), i.path.as_str()))
+        .collect();
+    assert_eq!(
+        items,
+        BTreeMap::from([("tls.crt", "ca.crt"), ("tls.key", "ca.key")]),
+        "{origin}: the kubernetes.io/tls keys, mapped to the names the config uses"
+    );
+    let mode = src.default_mode.unwrap_or(0o644);
+    assert_eq!(
+        mode & 0o007,
+        0,
+        "{origin}: the CA key is not world-readable"
+    );
+    let dir = mount_path(c, &volume.name);
+    let vm = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|vm| vm.name == volume.name)
+        .unwrap();
+    assert!(
+        vm.sub_path.is_none() && vm.sub_path_expr.is_none(),
+        "{origin}: no subPath, so a renewed CA reaches the mounted files"
+    );
+
+    let text = rendered_gateway_yaml(m);
+    let mut cfg = yaml_value(&text, "the rendered gateway.yaml");
+    let block = cfg
+        .as_object_mut()
+        .unwrap()
+        .remove("interception")
+        .expect("the rendered gateway.yaml has an `interception` block");
+    check_keys(
+        &block,
+        &["ca_cert", "ca_key", "leaf_ttl"],
+        "gateway.yaml",
+        "interception",
+    );
+    assert_eq!(
+        block["ca_cert"],
+        format!("{dir}/ca.crt"),
+        "interception.ca_cert"
+    );
+    assert_eq!(
+        block["ca_key"],
+        format!("{dir}/ca.key"),
+        "interception.ca_key"
+    );
+    // Everything else is the base's config/gateway.yaml, unchanged.
+    let base = std::fs::read_to_string(k8s_dir().join("config/gateway.yaml")).unwrap();
+    assert_eq!(
+        cfg,
+        yaml_value(&base, "config/gateway.yaml"),
+        "the interception gateway.yaml must be config/gateway.yaml plus the `interception` \
+         block (edit components/interception-ca-secret/gateway.yaml to match)"
+    );
+
+    // The gateway's own loader reads the same files from it.
+    let cfg = GatewayConfig::from_yaml_str(
+        &text,
+        "rendered gateway.yaml (components/interception-ca-secret)",
+        &Overrides::default(),
+        &NoEnv,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let interception = cfg.interception.expect("the gateway loads `interception`");
+    assert_eq!(interception.ca_cert, Path::new(dir).join("ca.crt"));
+    assert_eq!(interception.ca_key, Path::new(dir).join("ca.key"));
+    assert!(
+        interception.leaf_ttl <= std::time::Duration::from_secs(7 * 86400),
+        "leaf_ttl {:?}: short-lived leaves",
+        interception.leaf_ttl
+    );
+    interception
+}
+
+#[test]
+fn interception_component_mounts_a_cert_manager_ca_into_the_gateway_and_its_config() {
+    let Some(bin) = kustomize() else { return };
+    let (m, _) = render_overlay(&bin, &[""], &["components/interception"]);
+
+    // One CA Certificate, in the gateway's namespace, from a self-signed Issuer there.
+    assert_eq!(m.certificates.len(), 1);
+    let cert = &m.certificates[0];
+    let spec = &cert["spec"];
+    assert_eq!(cert["metadata"]["namespace"], GATEWAY_NS);
+    assert_eq!(spec["isCA"], true, "the interception Certificate is a CA");
+    assert_eq!(spec["privateKey"]["algorithm"], "ECDSA");
+    assert_eq!(spec["privateKey"]["size"], 256, "ECDSA P-256");
+    assert!(
+        spec["usages"]
+            .as_array()
+            .is_none_or(|u| u.iter().any(|u| u == "cert sign")),
+        "a CA signs certificates"
+    );
+    let issuer_ref = &spec["issuerRef"];
+    assert_eq!(issuer_ref["kind"], "Issuer");
+    let issuer = m
+        .issuers
+        .iter()
+        .find(|i| i["metadata"]["name"] == issuer_ref["name"])
+        .unwrap_or_else(|| panic!("no Issuer {}", issuer_ref["name"]));
+    assert_eq!(issuer["metadata"]["namespace"], GATEWAY_NS);
+    assert!(
+        issuer["spec"]["selfSigned"].is_object(),
+        "a self-signed Issuer"
+    );
+
+    // The Secret it writes is the one the gateway mounts, at the paths its config names.
+    let secret = spec["secretName"].as_str().unwrap();
+    assert_eq!(secret, "egress-gateway-interception-ca");
+    let loaded = check_gateway_interception(&m, secret);
+
+    // Lifetimes: renewed well before it ends, and a leaf minted just before renewal
+    // never outlives the CA.
+    let duration = go_duration(spec["duration"].as_str().expect("spec.duration")).unwrap();
+    let renew = go_duration(spec["renewBefore"].as_str().expect("spec.renewBefore")).unwrap();
+    let leaf_ttl = loaded.leaf_ttl;
+    let day = std::time::Duration::from_secs(86400);
+    assert!(duration >= 90 * day, "CA duration {duration:?}");
+    assert!(
+        renew >= 7 * day && renew < duration / 2,
+        "renewBefore {renew:?}"
+    );
+    assert!(
+        renew > leaf_ttl,
+        "renewBefore {renew:?} <= leaf_ttl {leaf_ttl:?}"
+    );
+}
+
+#[test]
+fn interception_with_your_own_ca_secret_mounts_it_without_cert_manager() {
+    let Some(bin) = kustomize() else { return };
+    let (m, _) = render_overlay(&bin, &[""], &["components/interception-ca-secret"]);
+    assert!(
+        m.certificates.is_empty() && m.issuers.is_empty() && m.bundles.is_empty(),
+        "bring-your-own-CA needs neither cert-manager nor trust-manager"
+    );
+    assert!(m.secrets.is_empty(), "the CA's Secret is never in git");
+    check_gateway_interception(&m, "egress-gateway-interception-ca");
+}
+
+#[test]
+fn interception_ca_certificate_reaches_ai_workloads_without_its_key() {
+    let Some(bin) = kustomize() else { return };
+    let (m, docs) = render_overlay(&bin, &[""], &["components/interception"]);
+    let secret = m.certificates[0]["spec"]["secretName"].as_str().unwrap();
+
+    assert_eq!(m.bundles.len(), 1, "one trust-manager Bundle");
+    let bundle = &m.bundles[0];
+    let sources = bundle["spec"]["sources"].as_array().unwrap();
+    // The CA's certificate, by a key that holds no private key.
+    let from_secret: Vec<&Value> = sources.iter().filter_map(|s| s.get("secret")).collect();
+    assert_eq!(from_secret.len(), 1, "{sources:?}");
+    assert_eq!(
+        from_secret[0]["name"], secret,
+        "the Bundle reads the CA's Secret"
+    );
+    assert!(
+        ["tls.crt", "ca.crt"].contains(&from_secret[0]["key"].as_str().unwrap_or_default()),
+        "the Bundle takes the certificate (tls.crt or ca.crt), never tls.key: {}",
+        from_secret[0]
+    );
+    assert_ne!(
+        from_secret[0]["includeAllKeys"], true,
+        "includeAllKeys would copy tls.key too"
+    );
+    // The public roots as well: SSL_CERT_FILE replaces the agents' system store.
+    assert!(
+        sources.iter().any(|s| s["useDefaultCAs"] == true),
+        "the bundle must carry the public roots (useDefaultCAs: true)"
+    );
+
+    // A ConfigMap (never a Secret), in ai-workloads and nowhere the selector misses.
+    let target = &bundle["spec"]["target"];
+    assert!(
+        target["secret"].is_null(),
+        "the CA is published in ConfigMaps"
+    );
+    assert_eq!(target["configMap"]["key"], "ca.crt");
+    let selector: LabelSelector =
+        serde_json::from_value(target["namespaceSelector"].clone()).expect("namespaceSelector");
+    assert!(
+        selector
+            .match_labels
+            .as_ref()
+            .is_some_and(|l| !l.is_empty()),
+        "an empty selector would publish into every namespace"
+    );
+    let selected: Vec<&str> = m
+        .namespaces
+        .iter()
+        .filter(|ns| labels_match(&selector, &ns.metadata.labels.clone().unwrap_or_default()))
+        .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect();
+    assert!(
+        selected.contains(&AGENTS_NS),
+        "the Bundle's namespaceSelector must select {AGENTS_NS} (selects {selected:?})"
+    );
+
+    // Nothing rendered carries a private key (the CA's key exists only in the Secret
+    // cert-manager writes in the gateway's namespace).
+    for doc in &docs {
+        let text = serde_json::to_string(doc).unwrap();
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} {} holds a private key",
+            doc["kind"],
+            doc["metadata"]["name"]
+        );
+    }
+}
+
+#[test]
+fn the_example_agent_trusts_the_interception_ca_from_the_published_config_map() {
+    let Some(bin) = kustomize() else { return };
+    let (gw, _) = render_overlay(&bin, &[""], &["components/interception"]);
+    let bundle = &gw.bundles[0];
+    let config_map = bundle["metadata"]["name"].as_str().unwrap();
+    let key = bundle["spec"]["target"]["configMap"]["key"]
+        .as_str()
+        .unwrap();
+
+    // Without the component the example agent is unchanged (the base works without a CA).
+    let (plain, _) = render_overlay(&bin, &["example-agent"], &[]);
+    for (origin, d) in &plain.deployments {
+        for c in &pod_spec(d).containers {
+            for e in c.env.iter().flatten() {
+                assert!(
+                    !INTERCEPTION_TRUST_VARS.contains(&e.name.as_str()),
+                    "{origin}: {} sets {} without the interception component",
+                    c.name,
+                    e.name
+                );
+            }
+        }
+    }
+
+    let (agent, _) = render_overlay(&bin, &["example-agent"], &["example-agent/interception"]);
+    let agents: Vec<_> = agent
+        .deployments
+        .iter()
+        .filter(|(_, d)| namespace_of(&d.metadata) == AGENTS_NS)
+        .collect();
+    assert_eq!(agents.len(), 1);
+    for (origin, d) in agents {
+        let pod = pod_spec(d);
+        check_sidecar(
+            origin,
+            pod,
+            test_harness::gateway::GATEWAY_ID,
+            "egress-gateway.egress-gateway.svc:8443",
+        );
+        for c in &pod.containers {
+            let env: BTreeMap<&str, &str> = c
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+                .collect();
+            let files: BTreeSet<&str> = INTERCEPTION_TRUST_VARS
+                .iter()
+                .map(|var| {
+                    *env.get(var)
+                        .unwrap_or_else(|| panic!("{origin}: container {} sets no {var}", c.name))
+                })
+                .collect();
+            assert_eq!(
+                files.len(),
+                1,
+                "{origin}: one trust file for all: {files:?}"
+            );
+            let file = Path::new(files.first().unwrap());
+
+            // The file is inside a read-only mount of a volume from that ConfigMap,
+            // and is the Bundle's key.
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|vm| file.parent() == Some(Path::new(vm.mount_path.trim_end_matches('/'))))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{origin}: {} is in no volume of container {}",
+                        file.display(),
+                        c.name
+                    )
+                });
+            assert_eq!(mount.read_only, Some(true), "{origin}: {}", mount.name);
+            assert!(
+                mount.sub_path.is_none(),
+                "{origin}: no subPath, so updates arrive"
+            );
+            let volume = pod
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            let cm = volume
+                .config_map
+                .as_ref()
+                .unwrap_or_else(|| panic!("{origin}: volume {} is not a ConfigMap", volume.name));
+            assert_eq!(cm.name, config_map, "{origin}: the Bundle's ConfigMap");
+            assert_ne!(cm.optional, Some(true), "{origin}: the agent needs the CA");
+            let name = file.file_name().unwrap().to_str().unwrap();
+            let source_key = match &cm.items {
+                Some(items) if !items.is_empty() => items
+                    .iter()
+                    .find(|i| i.path == name)
+                    .unwrap_or_else(|| panic!("{origin}: no item for {name}"))
+                    .key
+                    .as_str(),
+                _ => name,
+            };
+            assert_eq!(source_key, key, "{origin}: {name} is the Bundle's key");
+        }
+    }
+}
+
+#[test]
+fn the_interception_key_is_never_mounted_into_ai_workloads() {
+    let Some(bin) = kustomize() else { return };
+    let (gw, _) = render_overlay(&bin, &[""], &["components/interception"]);
+    let (agent, _) = render_overlay(&bin, &["example-agent"], &["example-agent/interception"]);
+    let secret = gw.certificates[0]["spec"]["secretName"].as_str().unwrap();
+    assert_eq!(gw.certificates[0]["metadata"]["namespace"], GATEWAY_NS);
+
+    let mut agent_pods = 0;
+    for (origin, d) in gw.deployments.iter().chain(&agent.deployments) {
+        if namespace_of(&d.metadata) != AGENTS_NS {
+            continue;
+        }
+        agent_pods += 1;
+        let pod = pod_spec(d);
+        for v in pod.volumes.iter().flatten() {
+            assert!(
+                v.secret.is_none(),
+                "{origin}: volume {} mounts a Secret into ai-workloads",
+                v.name
+            );
+            for p in v.projected.iter().flat_map(|p| p.sources.iter().flatten()) {
+                assert!(
+                    p.secret.is_none(),
+                    "{origin}: projected volume {} mounts a Secret",
+                    v.name
+                );
+            }
+        }
+        let containers = pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten());
+        for c in containers {
+            for e in c.env.iter().flatten() {
+                let from = e
+                    .value_from
+                    .as_ref()
+                    .and_then(|f| f.secret_key_ref.as_ref());
+                assert!(
+                    from.is_none_or(|r| r.name != secret),
+                    "{origin}: {} reads the CA Secret in env {}",
+                    c.name,
+                    e.name
+                );
+            }
+            for f in c.env_from.iter().flatten() {
+                assert!(
+                    f.secret_ref.as_ref().is_none_or(|r| r.name != secret),
+                    "{origin}: {} reads the CA Secret through envFrom",
+                    c.name
+                );
+            }
+        }
+    }
+    assert!(agent_pods >= 1, "the example agent");
+}
+
+// === Every rendering keeps the invariants: kustomize with its components, Helm ===
+
+/// The kustomize components an operator may opt in to, all at once.
+const ALL_COMPONENTS: [&str; 3] = [
+    "components/interception",
+    "components/redis",
+    "components/monitoring",
+];
+
+/// The Helm values that turn on what ALL_COMPONENTS adds to the base.
+const HELM_ALL: [&str; 4] = [
+    "interception.enabled=true",
+    "redis.enabled=true",
+    "serviceMonitor.enabled=true",
+    "prometheusRule.enabled=true",
+];
+
+fn chart_dir() -> PathBuf {
+    repo().join("deploy/helm/egress-gateway")
+}
+
+/// `helm lint --strict` and `helm template` of the chart with `--set` values, parsed,
+/// typed and checked like the kustomize renderings.
+fn helm_render(bin: &Path, sets: &[&str]) -> (Manifests, Vec<Value>) {
+    let set_args: Vec<String> = sets.iter().map(|s| format!("--set={s}")).collect();
+    let lint = std::process::Command::new(bin)
+        .args(["lint", "--strict"])
+        .arg(chart_dir())
+        .args(&set_args)
+        .output()
+        .unwrap();
+    assert!(
+        lint.status.success(),
+        "helm lint --strict {sets:?} failed:\n{}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
+    let out = std::process::Command::new(bin)
+        .args(["template", "egress-gateway"])
+        .arg(chart_dir())
+        .args(&set_args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm template {sets:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let docs: Vec<Value> = serde_saphyr::from_multiple(&text)
+        .unwrap_or_else(|e| panic!("helm template {sets:?}: not valid YAML: {e}\n{text}"));
+    let docs: Vec<Value> = docs.into_iter().filter(|d| !d.is_null()).collect();
+    let mut m = Manifests::default();
+    for (i, doc) in docs.iter().enumerate() {
+        m.add(doc, &format!("helm template {sets:?} (document {})", i + 1));
+    }
+    (m, docs)
+}
+
+/// The environment the rendered gateway container gets (literal values only; those
+/// from Secrets are not known until the cluster).
+struct PodEnv(BTreeMap<String, String>);
+impl Env for PodEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+fn gateway_env(m: &Manifests) -> PodEnv {
+    let (_, d) = gateway_deployment(m);
+    PodEnv(
+        gateway_container(d)
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect(),
+    )
+}
+
+/// What the rendered gateway runs with: its gateway.yaml, read by the gateway's own
+/// loader with the container's environment, and its policy.yaml, compiled.
+fn rendered_config_and_policy(m: &Manifests, what: &str) -> (GatewayConfig, Value) {
+    let text = rendered_gateway_yaml(m);
+    let cfg = GatewayConfig::from_yaml_str(
+        &text,
+        &format!("{what}: gateway.yaml"),
+        &Overrides::default(),
+        &gateway_env(m),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dir = cfg.policy.parent().unwrap();
+    let file = cfg.policy.file_name().unwrap().to_str().unwrap();
+    let (_, d) = gateway_deployment(m);
+    let c = gateway_container(d);
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|vm| Path::new(&vm.mount_path) == dir)
+        .unwrap_or_else(|| panic!("{what}: nothing mounted at {}", dir.display()));
+    let cm = pod_spec(d)
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .and_then(|v| v.config_map.as_ref())
+        .unwrap_or_else(|| panic!("{what}: {} is not a ConfigMap volume", mount.name));
+    let policy_text = rendered_config_map(m, &cm.name)
+        .data
+        .as_ref()
+        .and_then(|d| d.get(file))
+        .unwrap_or_else(|| panic!("{what}: ConfigMap {} has no {file}", cm.name))
+        .clone();
+    Policy::from_yaml_str(&policy_text, &format!("{what}: policy.yaml"))
+        .unwrap_or_else(|e| panic!("policy check {what}: {e}"));
+    (cfg, yaml_value(&policy_text, what))
+}
+
+/// Every invariant the shipped files promise, on one rendering as `kubectl apply`
+/// would receive it.
+fn check_rendering(m: &Manifests, what: &str) {
+    let (cfg, policy) = rendered_config_and_policy(m, what);
+    if !m.namespaces.is_empty() {
+        check_pod_security(m);
+    }
+    for (origin, d) in &m.deployments {
+        check_restricted(pod_spec(d), origin);
+    }
+    check_gateway_deployment(m, &cfg);
+    check_probes(m, &cfg);
+    check_gateway_mounts(m, &cfg, &policy);
+    check_service_and_pdb(m);
+    check_agent_network_policies(m);
+    check_gateway_network_policies(m);
+    check_cluster_spiffe_ids(m, &policy);
+    check_limits_backend(m, &cfg);
+    check_monitoring(m, &cfg);
+}
+
+/// With a Redis among the objects, every replica's limits backend is it, the gateway
+/// may reach it and nothing else may; without, the backend is per replica (`memory`).
+fn check_limits_backend(m: &Manifests, cfg: &GatewayConfig) {
+    let redis = m
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("egress-gateway-redis"));
+    let Some(redis) = redis else {
+        assert_eq!(cfg.limits_backend, "memory", "no Redis rendered");
+        return;
+    };
+    let ns = namespace_of(&redis.metadata);
+    let spec = redis.spec.as_ref().unwrap();
+    let port = spec
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .expect("a Redis port")
+        .port;
+    assert_eq!(
+        cfg.limits_backend,
+        format!("redis://egress-gateway-redis.{ns}.svc:{port}/0"),
+        "the gateway's limits backend is the rendered Redis Service"
+    );
+    // The Service selects the Redis pods, which are not the gateway's.
+    let (origin, d) = m
+        .deployments
+        .iter()
+        .find(|(_, d)| d.metadata.name.as_deref() == Some("egress-gateway-redis"))
+        .expect("the Redis Deployment");
+    let labels = pod_labels(d);
+    let selector = spec.selector.clone().unwrap_or_default();
+    assert!(
+        !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "{origin}: the Service selects the Redis pods"
+    );
+    let (_, gw) = gateway_deployment(m);
+    assert_ne!(
+        labels.get("app.kubernetes.io/name"),
+        pod_labels(gw).get("app.kubernetes.io/name"),
+        "{origin}: Redis pods must not look like the gateway's (ClusterSPIFFEID, Service)"
+    );
+    let container = &pod_spec(d).containers[0];
+    let target = spec
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .unwrap()
+        .target_port
+        .clone();
+    assert_eq!(
+        container_port(container, &target.unwrap_or(IntOrString::Int(port))),
+        6379
+    );
+    // The gateway's egress reaches the Redis pods on that port (the ingress side is
+    // check_gateway_network_policies: only the gateway gets in).
+    let gateway_labels = pod_labels(gw);
+    let reaches = policies_in(m, GATEWAY_NS).iter().any(|p| {
+        let spec = p.spec.as_ref().unwrap();
+        spec.pod_selector
+            .as_ref()
+            .is_some_and(|s| labels_match(s, &gateway_labels))
+            && spec.egress.iter().flatten().any(|r| {
+                rule_ports(r.ports.as_ref())
+                    .is_some_and(|ports| ports.contains(&("TCP".to_string(), 6379)))
+                    && r.to.iter().flatten().any(|peer| {
+                        peer.namespace_selector
+                            .as_ref()
+                            .is_some_and(|s| selects_namespace(s, ns))
+                            && peer
+                                .pod_selector
+                                .as_ref()
+                                .is_some_and(|s| labels_match(s, &labels))
+                    })
+            })
+    });
+    assert!(reaches, "no NetworkPolicy lets the gateway reach Redis");
+    let admitted = policies_in(m, GATEWAY_NS).iter().any(|p| {
+        let spec = p.spec.as_ref().unwrap();
+        spec.pod_selector
+            .as_ref()
+            .is_some_and(|s| !is_empty_selector(s) && labels_match(s, &labels))
+            && spec.ingress.iter().flatten().any(|r| {
+                rule_ports(r.ports.as_ref())
+                    .is_some_and(|ports| ports.contains(&("TCP".to_string(), 6379)))
+            })
+    });
+    assert!(admitted, "no NetworkPolicy lets the gateway into Redis");
+}
+
+fn is_empty_selector(s: &LabelSelector) -> bool {
+    s.match_labels.as_ref().is_none_or(BTreeMap::is_empty)
+        && s.match_expressions.as_ref().is_none_or(Vec::is_empty)
+}
+
+/// A ServiceMonitor scrapes the gateway's admin port at /metrics through its Service
+/// (from a namespace its NetworkPolicy admits); a PrometheusRule sits beside it.
+fn check_monitoring(m: &Manifests, cfg: &GatewayConfig) {
+    assert_eq!(
+        m.service_monitors.len(),
+        m.prometheus_rules.len(),
+        "scraping and alerting come together"
+    );
+    for sm in &m.service_monitors {
+        let name = sm["metadata"]["name"].as_str().unwrap_or_default();
+        assert_eq!(
+            sm["metadata"]["namespace"], GATEWAY_NS,
+            "ServiceMonitor {name}"
+        );
+        let selector: LabelSelector =
+            serde_json::from_value(sm["spec"]["selector"].clone()).unwrap();
+        let selected: Vec<&Service> = m
+            .services
+            .iter()
+            .filter(|s| namespace_of(&s.metadata) == GATEWAY_NS)
+            .filter(|s| labels_match(&selector, &s.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            selected.len(),
+            1,
+            "ServiceMonitor {name} selects exactly the gateway's Service"
+        );
+        assert_eq!(selected[0].metadata.name.as_deref(), Some("egress-gateway"));
+        let svc_ports = selected[0]
+            .spec
+            .as_ref()
+            .unwrap()
+            .ports
+            .clone()
+            .unwrap_or_default();
+        let (_, d) = gateway_deployment(m);
+        let c = gateway_container(d);
+        for e in sm["spec"]["endpoints"].as_array().unwrap() {
+            assert_eq!(e["path"], "/metrics", "ServiceMonitor {name}");
+            let port = svc_ports
+                .iter()
+                .find(|p| Some(p.name.as_deref().unwrap_or_default()) == e["port"].as_str())
+                .unwrap_or_else(|| panic!("ServiceMonitor {name}: no Service port {}", e["port"]));
+            assert_eq!(
+                container_port(c, port.target_port.as_ref().unwrap()),
+                i32::from(cfg.admin.port()),
+                "ServiceMonitor {name}: scrapes the admin listener"
+            );
+        }
+    }
+    // Prometheus may reach the admin port (check_gateway_network_policies keeps it
+    // away from 8443).
+    if !m.service_monitors.is_empty() {
+        let (_, d) = gateway_deployment(m);
+        let gateway_labels = pod_labels(d);
+        let admitted = policies_in(m, GATEWAY_NS).iter().any(|p| {
+            let spec = p.spec.as_ref().unwrap();
+            spec.pod_selector
+                .as_ref()
+                .is_some_and(|s| labels_match(s, &gateway_labels))
+                && spec.ingress.iter().flatten().any(|r| {
+                    rule_ports(r.ports.as_ref()).is_some_and(|ports| {
+                        ports.contains(&("TCP".to_string(), i32::from(cfg.admin.port())))
+                    })
+                })
+        });
+        assert!(admitted, "no NetworkPolicy admits the scrapes");
+    }
+}
+
+/// The objects of a rendering keyed by kind, namespace and name, as the cluster would
+/// compare them: Helm's bookkeeping labels dropped, the content hash in the config
+/// ConfigMap's name masked, YAML files inside ConfigMaps parsed (comments and key
+/// order are not the object).
+fn comparable(docs: &[Value]) -> BTreeMap<String, Value> {
+    fn mask_config_name(v: &mut Value) {
+        if let Some(name) = v.as_str() {
+            if name.starts_with("egress-gateway-config-") {
+                *v = Value::String("egress-gateway-config-<hash>".into());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for doc in docs {
+        let mut doc = doc.clone();
+        if let Some(labels) = doc["metadata"]
+            .get_mut("labels")
+            .and_then(Value::as_object_mut)
+        {
+            labels.remove("helm.sh/chart");
+            labels.remove("app.kubernetes.io/managed-by");
+            if labels.is_empty() {
+                doc["metadata"].as_object_mut().unwrap().remove("labels");
+            }
+        }
+        if doc["kind"] == "ConfigMap" {
+            mask_config_name(&mut doc["metadata"]["name"]);
+            if let Some(data) = doc.get_mut("data").and_then(Value::as_object_mut) {
+                for (key, v) in data.iter_mut() {
+                    if key.ends_with(".yaml") {
+                        let text = v.as_str().unwrap_or_default().to_string();
+                        *v = yaml_value(&text, key);
+                    }
+                }
+            }
+        }
+        if doc["kind"] == "Deployment" {
+            let volumes = &mut doc["spec"]["template"]["spec"]["volumes"];
+            for v in volumes.as_array_mut().into_iter().flatten() {
+                if let Some(cm) = v.get_mut("configMap") {
+                    mask_config_name(&mut cm["name"]);
+                }
+            }
+        }
+        let key = format!(
+            "{} {}/{}",
+            doc["kind"].as_str().unwrap_or_default(),
+            doc["metadata"]["namespace"].as_str().unwrap_or("-"),
+            doc["metadata"]["name"].as_str().unwrap_or_default()
+        );
+        assert!(out.insert(key.clone(), doc).is_none(), "{key} twice");
+    }
+    out
+}
+
+/// Where two JSON values first differ, as a path.
+fn first_difference(a: &Value, b: &Value, at: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| match (x.get(k), y.get(k)) {
+                (Some(xv), Some(yv)) => first_difference(xv, yv, &format!("{at}.{k}")),
+                (xv, yv) => Some(format!("{at}.{k}: {xv:?} vs {yv:?}")),
+            })
+        }
+        (Value::Array(x), Value::Array(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (xv, yv))| first_difference(xv, yv, &format!("{at}[{i}]"))),
+        _ if a == b => None,
+        _ => Some(format!("{at}: {a} vs {b}")),
+    }
+}
+
+/// The two renderings hold the same objects with the same content.
+fn assert_same_objects(kustomize: &[Value], helm: &[Value], what: &str) {
+    let k = comparable(kustomize);
+    let h = comparable(helm);
+    let only_k: Vec<&String> = k.keys().filter(|key| !h.contains_key(*key)).collect();
+    let only_h: Vec<&String> = h.keys().filter(|key| !k.contains_key(*key)).collect();
+    assert!(
+        only_k.is_empty() && only_h.is_empty(),
+        "{what}: objects only kustomize renders: {only_k:?}; only Helm: {only_h:?}"
+    );
+    for (key, kv) in &k {
+        if let Some(diff) = first_difference(kv, &h[key], "") {
+            panic!("{what}: {key} differs (kustomize vs Helm) at {diff}");
+        }
+    }
+}
+
+#[test]
+fn kustomize_renderings_with_every_component_keep_the_invariants() {
+    let Some(bin) = kustomize() else { return };
+    let (base, _) = render_overlay(&bin, &[""], &[]);
+    check_rendering(&base, "kustomize base");
+    let (all, _) = render_overlay(&bin, &[""], &ALL_COMPONENTS);
+    check_rendering(&all, "kustomize base + every component");
+    check_gateway_interception(&all, "egress-gateway-interception-ca");
+    assert_eq!(all.service_monitors.len(), 1);
+    let (byo, _) = render_overlay(&bin, &[""], &["components/interception-ca-secret"]);
+    check_rendering(&byo, "kustomize base + your own CA");
+}
+
+#[test]
+fn helm_chart_renders_the_objects_of_the_kustomize_base() {
+    let (Some(helm), Some(kustomize)) = (helm(), kustomize()) else {
+        return;
+    };
+    let (m, docs) = helm_render(&helm, &[]);
+    check_rendering(&m, "helm template (default values)");
+    let (_, base) = render_overlay(&kustomize, &[""], &[]);
+    assert_same_objects(&base, &docs, "default values vs the kustomize base");
+}
+
+#[test]
+fn helm_chart_values_render_the_objects_of_the_kustomize_components() {
+    let (Some(helm), Some(kustomize)) = (helm(), kustomize()) else {
+        return;
+    };
+    let (m, docs) = helm_render(&helm, &HELM_ALL);
+    check_rendering(&m, "helm template (every option)");
+    check_gateway_interception(&m, "egress-gateway-interception-ca");
+    let (_, all) = render_overlay(&kustomize, &[""], &ALL_COMPONENTS);
+    assert_same_objects(&all, &docs, "every option vs base + every component");
+
+    // Your own interception CA: the gateway's side alone, as the -ca-secret component.
+    let (m, docs) = helm_render(
+        &helm,
+        &[
+            "interception.enabled=true",
+            "interception.certManager=false",
+        ],
+    );
+    check_rendering(&m, "helm template (your own CA)");
+    assert!(m.certificates.is_empty() && m.bundles.is_empty() && m.issuers.is_empty());
+    let (_, byo) = render_overlay(&kustomize, &[""], &["components/interception-ca-secret"]);
+    assert_same_objects(&byo, &docs, "your own CA vs base + interception-ca-secret");
+}
+
+#[test]
+fn helm_values_reach_the_objects() {
+    let Some(helm) = helm() else { return };
+    let (m, _) = helm_render(
+        &helm,
+        &[
+            "image.repository=registry.example/egress-gateway",
+            "image.tag=1.2.3",
+            "replicas=3",
+            "autoscaling.minReplicas=3",
+            "priorityClassName=egress-gateway-critical",
+            "namespaces.create=false",
+            "redis.urlSecret.name=limits-redis",
+            "redis.urlSecret.key=url",
+            "secrets[0].name=openai-api-key",
+            "secrets[0].mountPath=/var/run/secrets/openai",
+            "secrets[0].stringData.token=sk-test",
+            "config.shutdown_grace=20s",
+            "autoscaling.enabled=false",
+            "networkPolicy.agentDnsLabel.example/dns=yes",
+        ],
+    );
+    let (cfg, _) = rendered_config_and_policy(&m, "helm template (values)");
+    assert_eq!(cfg.shutdown_grace, std::time::Duration::from_secs(20));
+    let (_, d) = gateway_deployment(&m);
+    let c = gateway_container(d);
+    assert_eq!(
+        c.image.as_deref(),
+        Some("registry.example/egress-gateway:1.2.3")
+    );
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(
+        pod_spec(d).priority_class_name.as_deref(),
+        Some("egress-gateway-critical")
+    );
+    assert!(m.namespaces.is_empty(), "namespaces.create=false");
+    assert!(m.hpas.is_empty(), "autoscaling.enabled=false");
+    // A Redis URL with its password stays in a Secret: the variable refers to it.
+    let from_secret = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "EGRESS_LIMITS_BACKEND")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|f| f.secret_key_ref.as_ref())
+        .expect("EGRESS_LIMITS_BACKEND from the Secret");
+    assert_eq!(
+        (from_secret.name.as_str(), from_secret.key.as_str()),
+        ("limits-redis", "url")
+    );
+    // secrets[].stringData creates the Secret the pod mounts.
+    assert_eq!(m.secrets.len(), 1);
+    assert_eq!(namespace_of(&m.secrets[0].metadata), GATEWAY_NS);
+    let dns = policies_in(&m, AGENTS_NS)
+        .into_iter()
+        .find(|p| p.metadata.name.as_deref() == Some("allow-dns-for-labelled-agents"))
+        .unwrap();
+    let labels = dns
+        .spec
+        .unwrap()
+        .pod_selector
+        .unwrap()
+        .match_labels
+        .unwrap();
+    assert_eq!(labels.get("example/dns").map(String::as_str), Some("yes"));
+    check_gateway_deployment_without_hpa(&m, &cfg);
+
+    // values.schema.json: a misspelt value fails the render instead of being ignored.
+    let out = std::process::Command::new(&helm)
+        .args(["template", "egress-gateway"])
+        .arg(chart_dir())
+        .arg("--set=replcas=3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a misspelt value rendered");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("replcas"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// check_gateway_deployment's parts that do not need an HPA.
+fn check_gateway_deployment_without_hpa(m: &Manifests, cfg: &GatewayConfig) {
+    check_probes(m, cfg);
+    for (origin, d) in &m.deployments {
+        check_restricted(pod_spec(d), origin);
+    }
+}
+
+/// The PrometheusRule's groups as a Prometheus rule file, next to a copy of its unit
+/// tests: `promtool check rules`, then `promtool test rules`.
+#[test]
+fn the_alerts_pass_promtool_and_their_unit_tests() {
+    let Some(promtool) = promtool() else { return };
+    let dir = k8s_dir().join("components/monitoring");
+    let rule = yaml_docs(&dir.join("prometheusrule.yaml")).remove(0);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(
+        work.path().join("rules.yaml"),
+        serde_json::to_string_pretty(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        dir.join("prometheusrule.tests.yaml"),
+        work.path().join("tests.yaml"),
+    )
+    .unwrap();
+    for args in [
+        ["check", "rules", "rules.yaml"],
+        ["test", "rules", "tests.yaml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(work.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every alert has a unit test.
+    let tests = std::fs::read_to_string(dir.join("prometheusrule.tests.yaml")).unwrap();
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for r in group["rules"].as_array().unwrap() {
+            let alert = r["alert"].as_str().unwrap();
+            assert!(
+                tests.contains(&format!("alertname: {alert}")),
+                "{alert} has no test in prometheusrule.tests.yaml"
+            );
+        }
+    }
 }
 
 // === docker-compose.yml ===
@@ -1573,6 +3347,158 @@ fn compose_parses_and_every_file_it_mounts_exists() {
         mounted_files >= 8,
         "expected the demo's config files to be mounted"
     );
+}
+
+/// A service's environment, mapping or `KEY=VALUE` list syntax.
+fn compose_env(svc: &Value) -> BTreeMap<String, String> {
+    match &svc["environment"] {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|e| {
+                let (k, v) = e.as_str()?.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// `depends_on: {dep: {condition: ...}}` of a service; the short list form has none.
+fn compose_condition<'a>(svc: &'a Value, dep: &str) -> Option<&'a str> {
+    svc["depends_on"][dep]["condition"].as_str()
+}
+
+#[test]
+fn compose_interception_ca_reaches_the_gateway_and_only_its_certificate_the_agents() {
+    let c = compose();
+    let all = services(&c);
+    let init = &all["interception-ca"];
+    assert_eq!(init["network_mode"], "none", "the CA is made offline");
+    let init_mounts: BTreeMap<String, String> = volume_mounts(init).into_iter().collect();
+    let script_path = init_mounts
+        .iter()
+        .find(|(src, _)| src.ends_with(".sh"))
+        .map(|(src, _)| repo().join(src.trim_start_matches("./")))
+        .expect("interception-ca runs a script from the repository");
+    let script = std::fs::read_to_string(&script_path).unwrap();
+    let ca_dir = init_mounts.get("interception-ca").expect("the CA volume");
+    let trust_dir = init_mounts
+        .get("interception-trust")
+        .expect("the trust volume");
+
+    // The gateway mounts the CA volume, read-only, and its config names those files.
+    let gateway = &all["gateway"];
+    let gw_dir = gateway["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find_map(|v| {
+            let mut parts = v.split(':');
+            (parts.next() == Some("interception-ca")).then(|| {
+                let dst = parts.next().unwrap().to_string();
+                assert_eq!(
+                    parts.next(),
+                    Some("ro"),
+                    "gateway: the CA volume is read-only"
+                );
+                dst
+            })
+        })
+        .expect("the gateway mounts the interception-ca volume");
+    assert_eq!(
+        compose_condition(gateway, "interception-ca"),
+        Some("service_completed_successfully"),
+        "the gateway starts once the CA exists"
+    );
+    let path = repo().join("deploy/compose/gateway/gateway.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cfg = GatewayConfig::from_yaml_str(&text, &rel(&path), &Overrides::default(), &NoEnv)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let interception = cfg.interception.expect("the demo gateway intercepts");
+    for (file, what) in [
+        (&interception.ca_cert, "ca_cert"),
+        (&interception.ca_key, "ca_key"),
+    ] {
+        assert_eq!(
+            file.parent(),
+            Some(Path::new(&gw_dir)),
+            "interception.{what} {} is not in the mounted CA volume {gw_dir}",
+            file.display()
+        );
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            script.contains(&format!("{ca_dir}/{name}")),
+            "{} does not write {ca_dir}/{name}",
+            rel(&script_path)
+        );
+    }
+
+    // Only the gateway (and the service that makes it) ever mounts the key's volume.
+    for (name, svc) in all {
+        if name != "gateway" && name != "interception-ca" {
+            assert!(
+                volume_mounts(svc)
+                    .iter()
+                    .all(|(src, _)| src != "interception-ca"),
+                "service {name} mounts the interception CA's key"
+            );
+        }
+    }
+
+    // Both agents trust it through the same four variables, pointing at one file of
+    // the trust volume, which the script writes.
+    for name in ["research-agent", "coding-agent"] {
+        let svc = &all[name];
+        let env = compose_env(svc);
+        let files: BTreeSet<&str> = INTERCEPTION_TRUST_VARS
+            .iter()
+            .map(|var| {
+                env.get(*var)
+                    .unwrap_or_else(|| panic!("service {name}: no {var}"))
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(files.len(), 1, "service {name}: one trust file: {files:?}");
+        let file = Path::new(files.first().unwrap());
+        let mount = svc["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|v| v.starts_with("interception-trust:"))
+            .unwrap_or_else(|| panic!("service {name} does not mount interception-trust"));
+        let mut parts = mount.split(':').skip(1);
+        let dir = parts.next().unwrap();
+        assert_eq!(parts.next(), Some("ro"), "service {name}: read-only");
+        assert_eq!(
+            file.parent(),
+            Some(Path::new(dir)),
+            "service {name}: {}",
+            file.display()
+        );
+        let base = file.file_name().unwrap().to_str().unwrap();
+        assert!(
+            script.contains(&format!("{trust_dir}/{base}")),
+            "{} does not write {trust_dir}/{base}",
+            rel(&script_path)
+        );
+        assert_eq!(
+            compose_condition(svc, "interception-ca"),
+            Some("service_completed_successfully"),
+            "service {name} starts once its trust file exists"
+        );
+    }
 }
 
 #[test]

@@ -156,10 +156,13 @@ async fn denied_tunnel_gets_403_json_and_an_audit_line() {
     let tunnel = agent.connect_tunnel("pastebin.com:443", &[]).await.unwrap();
     assert_eq!(tunnel.status, 403);
     let body: serde_json::Value = serde_json::from_slice(&tunnel.body).unwrap();
-    assert_eq!(body["error"], "egress_denied");
-    assert_eq!(body["rule"], "no-paste-sites");
-    assert!(!body["reason"].as_str().unwrap().is_empty());
-    let trace_id = body["trace_id"].as_str().unwrap().to_string();
+    // Shaped like the LLM providers' errors, so their SDKs show the message.
+    let error = &body["error"];
+    assert_eq!(error["type"], "egress_denied");
+    assert_eq!(error["code"], "denied_by_rule");
+    assert_eq!(error["rule"], "no-paste-sites");
+    assert!(!error["message"].as_str().unwrap().is_empty());
+    let trace_id = error["trace_id"].as_str().unwrap().to_string();
 
     // Not on any pathway of the coding agent: denied without a rule.
     let coding = w.agent(CODING).unwrap();
@@ -169,7 +172,8 @@ async fn denied_tunnel_gets_403_json_and_an_audit_line() {
         .unwrap();
     assert_eq!(other.status, 403);
     let other_body: serde_json::Value = serde_json::from_slice(&other.body).unwrap();
-    assert_eq!(other_body["rule"], serde_json::Value::Null);
+    assert_eq!(other_body["error"]["type"], "egress_denied");
+    assert_eq!(other_body["error"]["rule"], serde_json::Value::Null);
 
     let lines = w.gateway.wait_for_audit(2).await;
     let line = find(&lines, |l| l["trace_id"] == trace_id.as_str());
@@ -237,7 +241,7 @@ async fn forwarded_http_allowed_and_denied() {
         .await
         .unwrap();
     assert_eq!(denied.status, 403);
-    assert_eq!(denied.json().unwrap()["error"], "egress_denied");
+    assert_eq!(denied.json().unwrap()["error"]["type"], "egress_denied");
     assert_eq!(up.http.requests().len(), 4);
 
     let lines = w.gateway.wait_for_audit(5).await;
@@ -272,8 +276,8 @@ async fn malformed_requests_get_400_json() {
         let resp = agent.request("GET", url, &[], Vec::new()).await.unwrap();
         assert_eq!(resp.status, 400, "{url}");
         let body = resp.json().unwrap();
-        assert_eq!(body["error"], "bad_request");
-        assert!(body["reason"].as_str().unwrap().contains(why), "{body}");
+        assert_eq!(body["error"]["type"], "bad_request");
+        assert!(body["error"]["message"].as_str().unwrap().contains(why), "{body}");
     }
     let tunnel = agent.connect_tunnel("127.1:443", &[]).await.unwrap();
     assert_eq!(tunnel.status, 400);
@@ -298,7 +302,7 @@ async fn unreachable_upstream_is_502() {
         .unwrap();
     assert_eq!(tunnel.status, 502);
     let body: serde_json::Value = serde_json::from_slice(&tunnel.body).unwrap();
-    assert_eq!(body["error"], "upstream_unreachable");
+    assert_eq!(body["error"]["type"], "upstream_unreachable");
     let lines = w.gateway.wait_for_audit(1).await;
     assert_eq!(lines[0]["status"], 502);
     assert_eq!(lines[0]["decision"], "allow");
@@ -626,7 +630,7 @@ async fn upstream_connect_timeout_is_504() {
         String::from_utf8_lossy(&tunnel.body)
     );
     let body: serde_json::Value = serde_json::from_slice(&tunnel.body).unwrap();
-    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(body["error"]["type"], "upstream_timeout");
     let lines = w.gateway.wait_for_audit(1).await;
     assert_eq!(lines[0]["status"], 504);
     assert!(lines[0]["error"].as_str().unwrap().contains("timed out"));

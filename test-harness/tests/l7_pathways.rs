@@ -165,7 +165,7 @@ async fn tls_origination_with_the_wrong_ca_is_a_502_and_sends_nothing() {
     let agent = w.agent(RESEARCH).unwrap();
     let r = post(&agent, port, chat("m", false)).await;
     assert_eq!(r.status, 502);
-    let reason = r.json().unwrap()["reason"].as_str().unwrap().to_string();
+    let reason = r.json().unwrap()["error"]["message"].as_str().unwrap().to_string();
     assert!(
         reason.contains("wrong-ca") && reason.contains("TLS"),
         "{reason}"
@@ -216,7 +216,7 @@ async fn east_west_mtls_accepts_only_the_expected_spiffe_id() {
     .unwrap();
     let port = workload.addr.port();
     std::fs::write(w.gateway.policy_path(), policy_for(port)).unwrap();
-    w.gateway.gateway().reload_policy().unwrap();
+    w.gateway.gateway().reload_policy().await.unwrap();
     let agent = w.agent(RESEARCH).unwrap();
 
     let r = post(&agent, port, chat("m", false)).await;
@@ -283,7 +283,13 @@ async fn a_missing_secret_file_fails_the_policy_load_naming_the_file() {
         good.replace(&secret.path().display().to_string(), "/nonexistent/other"),
     )
     .unwrap();
-    let e = w.gateway.gateway().reload_policy().unwrap_err().to_string();
+    let e = w
+        .gateway
+        .gateway()
+        .reload_policy()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/other"), "{e}");
     let r = post(
         &w.agent(RESEARCH).unwrap(),
@@ -323,7 +329,7 @@ async fn models_outside_the_list_are_refused_before_the_upstream() {
     }
     let r = post(&agent, port, chat("gpt-5", false)).await;
     assert_eq!(r.status, 403);
-    assert!(r.json().unwrap()["reason"]
+    assert!(r.json().unwrap()["error"]["message"]
         .as_str()
         .unwrap()
         .contains("gpt-5"));
@@ -397,7 +403,7 @@ async fn request_limits_fire_at_their_threshold_and_not_before() {
     assert_eq!(r.status, 429);
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "{retry}");
-    assert_eq!(r.json().unwrap()["error"], "rate_limited");
+    assert_eq!(r.json().unwrap()["error"]["type"], "rate_limited");
     assert_eq!(llm.requests().len(), 3);
     let lines = w.gateway.wait_for_audit(5).await;
     assert_eq!(lines[1]["status"], 413);
@@ -428,7 +434,7 @@ async fn tunnels_hold_concurrency_and_are_closed_when_the_byte_budget_is_spent()
     let second = agent.connect_tunnel(&authority, &[]).await.unwrap();
     assert_eq!(second.status, 429, "one tunnel at a time");
     assert_eq!(
-        serde_json::from_slice::<serde_json::Value>(&second.body).unwrap()["error"],
+        serde_json::from_slice::<serde_json::Value>(&second.body).unwrap()["error"]["type"],
         "rate_limited"
     );
 
@@ -462,7 +468,7 @@ async fn tunnels_hold_concurrency_and_are_closed_when_the_byte_budget_is_spent()
     }
     let third = third.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
-    assert!(body["reason"].as_str().unwrap().contains("bytes"), "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("bytes"), "{body}");
     assert!(third
         .headers
         .iter()
@@ -490,14 +496,18 @@ async fn token_budget_runs_out(stream: bool) {
         let r = post(&agent, port, chat("m", stream)).await;
         assert_eq!(r.status, 200);
         if stream {
-            assert!(String::from_utf8_lossy(&r.body).contains("\"usage\""));
+            // Charged from the usage the gateway asked for; the agent, which did not
+            // ask, never sees the usage chunk.
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+            assert!(!body.contains("\"total_tokens\""), "{body}");
         }
         charged(&w, "llm_tokens_per_hour", 40 * i).await;
     }
     let r = post(&agent, port, chat("m", stream)).await;
     assert_eq!(r.status, 429);
     assert!(r.header("retry-after").is_some());
-    assert!(r.json().unwrap()["reason"]
+    assert!(r.json().unwrap()["error"]["message"]
         .as_str()
         .unwrap()
         .contains("120 of 100"));
@@ -569,7 +579,7 @@ async fn two_gateways_on_one_redis_enforce_one_budget() {
     for agent in [&agent_a, &agent_b] {
         let r = post(agent, port, chat("m", false)).await;
         assert_eq!(r.status, 429);
-        assert!(r.json().unwrap()["reason"]
+        assert!(r.json().unwrap()["error"]["message"]
             .as_str()
             .unwrap()
             .contains("requests per minute"));
@@ -602,7 +612,7 @@ async fn two_gateways_on_one_redis_share_a_token_budget() {
     for agent in [&agent_b, &agent_a] {
         let r = post(agent, port, chat("m", false)).await;
         assert_eq!(r.status, 429);
-        assert_eq!(r.json().unwrap()["error"], "rate_limited");
+        assert_eq!(r.json().unwrap()["error"]["type"], "rate_limited");
     }
     assert_eq!(llm.requests().len(), 3);
     a.shutdown().await;
@@ -624,7 +634,7 @@ async fn traffic(
         let reason = r
             .json()
             .ok()
-            .and_then(|b| b["reason"].as_str().map(str::to_owned))
+            .and_then(|b| b["error"]["message"].as_str().map(str::to_owned))
             .unwrap_or_default();
         seen.push((r.status, reason));
     }
@@ -729,7 +739,7 @@ async fn two_gateways_on_one_redis_share_max_concurrent() {
         assert_eq!(third.status, 429, "a third tunnel on either replica");
         let body: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
         assert!(
-            body["reason"].as_str().unwrap().contains("all replicas"),
+            body["error"]["message"].as_str().unwrap().contains("all replicas"),
             "{body}"
         );
     }
@@ -830,4 +840,68 @@ fn a_crashed_replicas_concurrency_slot_expires_and_a_live_ones_does_not() {
     }
     drop(a);
     main_rt.block_on(async move { drop(redis) });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_zero_or_a_fifo_as_secret_file_is_refused_at_start_and_on_reload_without_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let with_secret = |path: &str| {
+        pathway_policy(&format!(
+            "      - name: openai\n        destinations: [\"localhost:9\"]\n        allow_cidrs: [127.0.0.0/8]\n        upstream:\n          inject_headers:\n            x-api-key: {{ secret_file: {path} }}\n"
+        ))
+    };
+    // At start: an error naming the file, not a wedged runtime. The start runs in its
+    // own task so that a blocked worker cannot hold up this test's timer.
+    for path in ["/dev/zero", fifo.to_str().unwrap()] {
+        let policy = with_secret(path);
+        let start = tokio::spawn(async move { World::start(&policy).await });
+        let err = match tokio::time::timeout(Duration::from_secs(20), start).await {
+            Err(_) => panic!("the gateway wedged starting with {path} as secret_file"),
+            Ok(joined) => match joined.unwrap() {
+                Ok(_) => panic!("started with {path} as secret_file"),
+                Err(e) => format!("{e:#}"),
+            },
+        };
+        assert!(
+            err.contains(path) && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+
+    // On reload: rejected, the previous policy stays, /healthz answers.
+    let secret = secret_file(SECRET);
+    let w = World::start(&with_secret(&secret.path().display().to_string()))
+        .await
+        .unwrap();
+    for path in ["/dev/zero", fifo.to_str().unwrap()] {
+        std::fs::write(w.gateway.policy_path(), with_secret(path)).unwrap();
+        let reload = tokio::spawn(w.gateway.gateway().reload_policy());
+        let e = tokio::time::timeout(Duration::from_secs(20), reload)
+            .await
+            .expect("the reload returns")
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(path), "{e}");
+        let health = tokio::time::timeout(
+            Duration::from_secs(5),
+            test_harness::gateway::admin_get(w.gateway.admin_addr(), "/healthz"),
+        )
+        .await
+        .expect("/healthz answers")
+        .unwrap();
+        assert_eq!(health.0, 200);
+    }
+    let metrics = w.gateway.metrics().await.unwrap();
+    assert!(
+        metrics.contains("egress_policy_reloads_total{result=\"rejected\"} 2"),
+        "{metrics}"
+    );
+    w.shutdown().await;
 }

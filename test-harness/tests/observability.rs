@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use test_harness::ca::{SvidOptions, TestCa};
 use test_harness::gateway::{admin_get, gateway_identity, GatewayOptions, World, GATEWAY_ID};
-use test_harness::otlp::{Behaviour, OtlpReceiver};
+use test_harness::otlp::{Behaviour, CapturedSpan, HttpOtlpReceiver, OtlpReceiver};
 use test_harness::upstream::{HttpEcho, TlsEcho};
 use test_harness::workload_api::WorkloadIdentity;
 
@@ -37,6 +37,14 @@ agents:
 }
 
 async fn start(otlp: Option<&OtlpReceiver>) -> (World, TlsEcho, HttpEcho) {
+    start_exporting(otlp.map(|o| o.endpoint()), None).await
+}
+
+/// The gateway exporting to `endpoint` with `telemetry.otlp_protocol: protocol`.
+async fn start_exporting(
+    endpoint: Option<String>,
+    protocol: Option<&str>,
+) -> (World, TlsEcho, HttpEcho) {
     let tls_ca = TestCa::new("upstream.test");
     let tls = TlsEcho::start(tls_ca.mint_server_cert(&["localhost"]))
         .await
@@ -45,7 +53,8 @@ async fn start(otlp: Option<&OtlpReceiver>) -> (World, TlsEcho, HttpEcho) {
     let w = World::start_with(
         &policy(tls.addr.port(), http.addr.port()),
         GatewayOptions {
-            otlp_endpoint: otlp.map(|o| o.endpoint()),
+            otlp_endpoint: endpoint,
+            otlp_protocol: protocol.map(str::to_string),
             ..Default::default()
         },
     )
@@ -54,10 +63,50 @@ async fn start(otlp: Option<&OtlpReceiver>) -> (World, TlsEcho, HttpEcho) {
     (w, tls, http)
 }
 
+/// Where the spans went: our gRPC receiver, or the Python OTLP/HTTP one.
+enum Collector<'a> {
+    Grpc(&'a OtlpReceiver),
+    Http(&'a HttpOtlpReceiver),
+}
+
+impl Collector<'_> {
+    async fn wait_for_spans(&self, n: usize) -> Vec<CapturedSpan> {
+        match self {
+            Collector::Grpc(c) => c.wait_for_spans(n).await,
+            Collector::Http(c) => c.wait_for_spans(n).await,
+        }
+    }
+
+    fn spans(&self) -> Vec<CapturedSpan> {
+        match self {
+            Collector::Grpc(c) => c.spans(),
+            Collector::Http(c) => c.spans(),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids() {
     let otlp = OtlpReceiver::start().await.unwrap();
     let (w, tls, http) = start(Some(&otlp)).await;
+    one_span_per_request(w, tls, http, Collector::Grpc(&otlp)).await;
+}
+
+/// `telemetry.otlp_protocol: http/protobuf`, received by a collector that is not ours
+/// (the official `opentelemetry-proto` Python messages decode what arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_reaches_an_independent_collector_one_span_per_request() {
+    let Some(otlp) = HttpOtlpReceiver::start(200).await.unwrap() else {
+        return;
+    };
+    let (w, tls, http) = start_exporting(Some(otlp.endpoint()), Some("http/protobuf")).await;
+    one_span_per_request(w, tls, http, Collector::Http(&otlp)).await;
+}
+
+/// Five requests (tunnels and forwarded, allowed and denied, one malformed): each has
+/// one audit line and one span at the collector, with the same IDs, and each span is
+/// counted as exported.
+async fn one_span_per_request(w: World, tls: TlsEcho, http: HttpEcho, collector: Collector<'_>) {
     let agent = w.agent(RESEARCH).unwrap();
     let traceparent = format!("00-{AGENT_TRACE}-{AGENT_SPAN}-01");
     let tp: &[(&str, &str)] = &[("traceparent", traceparent.as_str())];
@@ -89,13 +138,24 @@ async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids
     let lines = w.gateway.wait_for_audit(5).await;
     assert_eq!(lines.len(), 5, "{lines:#?}");
     w.gateway.gateway().telemetry().flush().await;
-    let spans = otlp.wait_for_spans(5).await;
+    let spans = collector.wait_for_spans(5).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let spans_after = otlp.spans();
+    let spans_after = collector.spans();
     assert_eq!(
         spans_after.len(),
         5,
         "exactly one span per request: {spans_after:#?}"
+    );
+    let m = w.gateway.metrics().await.unwrap();
+    assert_eq!(
+        metric_value(&m, "egress_otlp_spans_exported_total", &[]),
+        Some(5.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric_value(&m, "egress_otlp_spans_dropped_total", &[]),
+        Some(0.0),
+        "{m}"
     );
 
     for line in &lines {
@@ -128,6 +188,23 @@ async fn every_request_has_exactly_one_span_and_one_audit_line_with_the_same_ids
         );
         assert_eq!(span.str("http.request.method"), line["method"].as_str());
         assert_eq!(span.service_name.as_deref(), Some("egress-gateway"));
+        // HTTP semantic conventions: the agent's IP and port apart, the destination
+        // as `server.*`, the address connected to as `network.peer.address`.
+        let agent_addr: std::net::SocketAddr =
+            line["source_address"].as_str().unwrap().parse().unwrap();
+        assert_eq!(span.str("client.address"), Some("127.0.0.1"), "{line}");
+        assert_eq!(
+            span.int("client.port"),
+            Some(i64::from(agent_addr.port())),
+            "{line}"
+        );
+        assert_eq!(span.str("server.address"), line["host"].as_str(), "{line}");
+        assert_eq!(span.int("server.port"), line["port"].as_i64(), "{line}");
+        assert_eq!(
+            span.str("network.peer.address"),
+            line["resolved_ip"].as_str(),
+            "{line}"
+        );
     }
 
     // The agent's traceparent is the parent of the gateway's span...
@@ -376,6 +453,61 @@ async fn a_hanging_or_refusing_collector_does_not_delay_traffic() {
             |v| matches!(v, test_harness::otlp::AttrValue::Str(p) if p.contains("/recovered"))
         )),
         "{spans:?}"
+    );
+    w.shutdown().await;
+}
+
+/// Over `http/protobuf`, a collector that answers 503 and then one that is gone cost
+/// spans, never requests, and every lost span is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_spans_lost_to_a_refusing_or_dead_collector_are_counted() {
+    let Some(mut otlp) = HttpOtlpReceiver::start(503).await.unwrap() else {
+        return;
+    };
+    let (w, _tls, http) = start_exporting(Some(otlp.endpoint()), Some("http/protobuf")).await;
+    let agent = w.agent(RESEARCH).unwrap();
+    let mut session = agent.session().await.unwrap();
+    let mut sent = 0;
+    for phase in ["refusing", "dead"] {
+        if phase == "dead" {
+            otlp.kill().await;
+        }
+        let url = format!("http://localhost:{}/{phase}", http.addr.port());
+        for _ in 0..20 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(2),
+                session.request("GET", &url, &[], Vec::new()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("a request waited on a {phase} collector"))
+            .unwrap();
+            assert_eq!(r.status, 200);
+            sent += 1;
+        }
+        assert_eq!(w.gateway.wait_for_audit(sent).await.len(), sent);
+        w.gateway.gateway().telemetry().flush().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = w.gateway.metrics().await.unwrap();
+            let dropped = metric_value(&m, "egress_otlp_spans_dropped_total", &[]);
+            if dropped == Some(sent as f64) {
+                assert_eq!(
+                    metric_value(&m, "egress_otlp_spans_exported_total", &[]),
+                    Some(0.0),
+                    "{m}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{phase}: {sent} spans lost, counted {dropped:?}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    assert!(
+        otlp.spans().is_empty(),
+        "a refusing collector records nothing"
     );
     w.shutdown().await;
 }

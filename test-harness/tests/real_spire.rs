@@ -135,7 +135,7 @@ async fn gateway_and_agents_take_identities_from_spire_and_get_per_id_decisions(
     .expect_gateway_id(GATEWAY_ID);
     let denied = coding.request("GET", &url, &[], vec![]).await.unwrap();
     assert_eq!(denied.status, 403);
-    assert_eq!(denied.json().unwrap()["error"], "egress_denied");
+    assert_eq!(denied.json().unwrap()["error"]["type"], "egress_denied");
     assert_eq!(
         http.requests().len(),
         1,
@@ -604,4 +604,79 @@ async fn agent_outage_keeps_the_gateway_serving_and_a_new_gateway_waits_truthful
     research.shutdown().await;
     late.shutdown().await;
     gw.shutdown().await;
+}
+
+/// A certificate's notAfter.
+fn not_after(der: &[u8]) -> std::time::SystemTime {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    std::time::UNIX_EPOCH + Duration::from_secs(cert.validity().not_after.timestamp() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_longer_than_the_workload_ttl_comes_back_on_its_own_svid() {
+    if require_spire().is_none() {
+        return;
+    }
+    // Short workload SVIDs; the agent's own SVID keeps the server's `agent_ttl` (1 h).
+    let workload_ttl = Duration::from_secs(10);
+    let mut fixture = SpireFixture::start(SpireOptions {
+        x509_svid_ttl: workload_ttl,
+        ..SpireOptions::default()
+    })
+    .await
+    .unwrap();
+    let before = fixture
+        .wait_for_svid(RESEARCH, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let expired_at = not_after(&before.cert_chain[0]);
+
+    // The agent is down for longer than any workload SVID (and than an agent SVID with
+    // the workload TTL) lives.
+    fixture.stop_agent().await.unwrap();
+    tokio::time::sleep(workload_ttl + Duration::from_secs(4)).await;
+    assert!(
+        std::time::SystemTime::now() > expired_at,
+        "the outage outlasted the workload SVID"
+    );
+
+    // It comes back on its stored agent SVID: no new join token.
+    fixture
+        .restart_agent_on_stored_svid()
+        .await
+        .expect("the agent resumes on its own SVID after an outage longer than the workload TTL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let fresh = loop {
+        let svid = fixture
+            .wait_for_svid(RESEARCH, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let until = not_after(&svid.cert_chain[0]);
+        if until > std::time::SystemTime::now() {
+            break until;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only expired SVIDs after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(fresh > expired_at, "a new SVID, not the old one");
+    // And workloads keep getting SVIDs: through at least one rotation.
+    let rotated = loop {
+        let svid = fixture
+            .wait_for_svid(RESEARCH, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let until = not_after(&svid.cert_chain[0]);
+        if until > fresh {
+            break until;
+        }
+        assert!(
+            Instant::now() < deadline + workload_ttl,
+            "no rotation after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(rotated > std::time::SystemTime::now());
 }

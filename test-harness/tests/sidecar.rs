@@ -258,10 +258,10 @@ async fn the_gateways_refusals_reach_the_agent_unchanged() {
     let r = get(&mut conn, "http://pastebin.com/raw/abc", &[]).await;
     assert_eq!(r.status, 403, "{}", r.body);
     let j = r.json();
-    assert_eq!(j["error"], "egress_denied");
-    assert_eq!(j["rule"], "no-paste-sites");
+    assert_eq!(j["error"]["type"], "egress_denied");
+    assert_eq!(j["error"]["rule"], "no-paste-sites");
     assert!(
-        j.get("source").is_none(),
+        j["error"].get("source").is_none(),
         "the gateway's body, not the sidecar's: {j}"
     );
 
@@ -273,7 +273,7 @@ async fn the_gateways_refusals_reach_the_agent_unchanged() {
     )
     .await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["error"], "egress_denied");
+    assert_eq!(r.json()["error"]["type"], "egress_denied");
 
     // Allowed, but the upstream is down: the gateway's 502.
     let r = get(
@@ -283,7 +283,7 @@ async fn the_gateways_refusals_reach_the_agent_unchanged() {
     )
     .await;
     assert_eq!(r.status, 502, "{}", r.body);
-    assert_eq!(r.json()["error"], "upstream_unreachable");
+    assert_eq!(r.json()["error"]["type"], "upstream_unreachable");
 
     // A denied CONNECT: the gateway's 403 with its JSON body.
     let (code, head, mut tcp) = connect(s.sidecar.listen_addr(), "pastebin.com:443").await;
@@ -300,7 +300,8 @@ async fn the_gateways_refusals_reach_the_agent_unchanged() {
     // An origin-form request is not a proxy request: the sidecar's own 400.
     let r = get(&mut conn, "/not-a-proxy-request", &[]).await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.json()["source"], "sidecar");
+    assert_eq!(r.json()["error"]["source"], "sidecar");
+    assert_eq!(r.json()["error"]["type"], "bad_request");
 
     let lines = s.w.gateway.wait_for_audit(4).await;
     assert!(
@@ -364,9 +365,41 @@ async fn a_gateway_with_another_spiffe_id_is_refused() {
     let r = get(&mut conn, &url, &[]).await;
     assert_eq!(r.status, 502, "{}", r.body);
     let j = r.json();
-    assert_eq!(j["error"], "gateway_unreachable");
-    assert_eq!(j["source"], "sidecar");
-    assert!(j["reason"].as_str().unwrap().contains("handshake"), "{j}");
+    assert_eq!(j["error"]["type"], "gateway_unreachable");
+    assert_eq!(j["error"]["source"], "sidecar");
+    let reason = j["error"]["message"].as_str().unwrap();
+    assert!(reason.contains("handshake"), "{j}");
+    // A sentence naming both IDs, not Rust debug text such as `Other(OtherError(..))`.
+    assert!(
+        reason.contains(&format!(
+            "`{GATEWAY_ID}`, not the expected `{impostor_expected}`"
+        )),
+        "{j}"
+    );
+    for debug_text in ["Other(", "OtherError", "UnexpectedPeer", "{", "}"] {
+        assert!(!reason.contains(debug_text), "{debug_text} in {j}");
+    }
+    // The gateway counts the refusal as its certificate rejected, not as garbage.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = s.w.gateway.metrics().await.unwrap();
+        // Every reason is exported from start-up at 0; this one must have moved.
+        let counted = m
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "egress_handshake_failures_total{reason=\"peer_rejected_certificate\"}",
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if counted >= 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(s.http.requests().is_empty());
     let (code, _, _) = connect(wrong.listen_addr(), "pastebin.com:443").await;
     assert_eq!(code, 502);
@@ -509,7 +542,7 @@ async fn a_429_with_retry_after_is_relayed_unchanged() {
                         .header("retry-after", "17")
                         .header("content-type", "application/json")
                         .body(http_body_util::Full::new(Bytes::from_static(
-                            br#"{"error":"rate_limited","reason":"over requests_per_minute","limit":"requests_per_minute","trace_id":"t"}"#,
+                            br#"{"error":{"type":"rate_limited","code":"requests_per_minute","message":"over requests_per_minute","rule":null,"limit":"requests_per_minute","trace_id":"t"}}"#,
                         )))
                         .unwrap();
                     Ok::<_, std::convert::Infallible>(resp)
@@ -534,7 +567,7 @@ async fn a_429_with_retry_after_is_relayed_unchanged() {
     .await;
     assert_eq!(r.status, 429);
     assert_eq!(r.headers["retry-after"], "17");
-    assert_eq!(r.json()["error"], "rate_limited");
+    assert_eq!(r.json()["error"]["type"], "rate_limited");
     let (code, head, _) = connect(sidecar.listen_addr(), "api.allowed.test:443").await;
     assert_eq!(code, 429);
     assert!(

@@ -165,7 +165,7 @@ impl Outcome {
             Outcome::Response { status: 403, body } => {
                 let j: serde_json::Value = serde_json::from_str(body)
                     .unwrap_or_else(|e| panic!("gateway JSON expected ({e}): {body}"));
-                assert_eq!(j["error"], "egress_denied", "{j}");
+                assert_eq!(j["error"]["type"], "egress_denied", "{j}");
             }
             other => panic!("expected the gateway's 403 JSON, got {other:?}"),
         }
@@ -222,7 +222,7 @@ async fn curl_through_the_sidecar() {
     let (code, body) = status_body(&out);
     assert_eq!(code, "403");
     let j: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(j["error"], "egress_denied");
+    assert_eq!(j["error"]["type"], "egress_denied");
 
     let out = run(curl(env.denied_https())).await;
     assert!(!out.status.success());

@@ -10,10 +10,15 @@ use egress_policy::{Policy, Request, RequestLine, SpiffeId};
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Validate policy files; exit 0 if all are valid, 1 otherwise.
+    /// Validate policy files; exit 0 if all are valid, 1 otherwise. Also reads every
+    /// `secret_file` and `ca_file` as the gateway would, and warns (exit 0) about
+    /// over-broad entries.
     Check {
         #[arg(required = true)]
         policies: Vec<PathBuf>,
+        /// Skip reading `secret_file`s and `ca_file`s (for CI without the secrets).
+        #[arg(long)]
+        no_files: bool,
     },
     /// Run policy tests; the last line is "N passed, M failed".
     /// Exit 0 if all pass, 1 if any fail, 2 if a file is invalid.
@@ -39,6 +44,13 @@ pub enum PolicyCommand {
         /// The peer's `ip:port`.
         #[arg(long)]
         address: Option<std::net::SocketAddr>,
+        /// On an MCP pathway: the JSON-RPC message in the body, e.g.
+        /// `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"read_file","arguments":{}}}`.
+        #[arg(long, value_name = "JSON")]
+        mcp_message: Option<String>,
+        /// On an MCP pathway: a `tools/call` of this tool, without arguments.
+        #[arg(long, value_name = "TOOL", conflicts_with = "mcp_message")]
+        mcp_tool: Option<String>,
     },
     /// Print the JSON Schema of the policy file (for yaml-language-server).
     Schema {
@@ -54,7 +66,7 @@ const INVALID_INPUT: u8 = 2;
 
 pub fn run(cmd: PolicyCommand) -> ExitCode {
     match cmd {
-        PolicyCommand::Check { policies } => check(&policies),
+        PolicyCommand::Check { policies, no_files } => check(&policies, !no_files),
         PolicyCommand::Test { policy, tests } => test(&policy, &tests),
         PolicyCommand::Explain {
             policy,
@@ -63,14 +75,20 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
             headers,
             model,
             address,
-        } => explain(
-            &policy,
-            &source,
-            &request,
-            &headers,
-            model.as_deref(),
-            address,
-        ),
+            mcp_message,
+            mcp_tool,
+        } => match mcp_call(mcp_message.as_deref(), mcp_tool) {
+            Ok(mcp) => explain(
+                &policy,
+                &source,
+                &request,
+                &headers,
+                model.as_deref(),
+                address,
+                mcp.as_ref(),
+            ),
+            Err(code) => code,
+        },
         PolicyCommand::Schema { tests } => {
             if tests {
                 print!("{}", egress_policy::schema::tests_schema_json());
@@ -83,11 +101,26 @@ pub fn run(cmd: PolicyCommand) -> ExitCode {
     }
 }
 
-fn check(policies: &[PathBuf]) -> ExitCode {
+fn check(policies: &[PathBuf], read_files: bool) -> ExitCode {
     let mut ok = true;
     for path in policies {
         match Policy::load_file(path) {
             Ok(p) => {
+                let file_errors = if read_files {
+                    check_files(&p)
+                } else {
+                    Vec::new()
+                };
+                for w in p.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                if !file_errors.is_empty() {
+                    ok = false;
+                    for e in file_errors {
+                        eprintln!("error: {e}");
+                    }
+                    continue;
+                }
                 let pathways = p.pathways().count();
                 println!(
                     "{}: ok ({} rules, {} agents, {pathways} pathways, mode {})",
@@ -110,6 +143,43 @@ fn check(policies: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Reads every `secret_file` and `ca_file` the policy names, with the gateway's own
+/// checks (regular file, size cap, a usable credential or certificates); one message
+/// per problem, naming the pathway and the file.
+fn check_files(policy: &Policy) -> Vec<String> {
+    use crate::files::{read_file_blocking, FileKind};
+    let mut errors = Vec::new();
+    for pathway in policy.pathways() {
+        let Some(up) = &pathway.upstream else {
+            continue;
+        };
+        let ctx = format!(
+            "{}: agent {:?}, pathway {:?}",
+            policy.origin(),
+            pathway.agent,
+            pathway.name
+        );
+        for (header, secret) in &up.inject_headers {
+            let path = &secret.secret_file;
+            let checked = read_file_blocking(path, FileKind::Secret)
+                .map_err(crate::upstream::SecretError::from)
+                .and_then(|bytes| crate::upstream::secrets::parse_secret(path, bytes));
+            if let Err(e) = checked {
+                errors.push(format!("{ctx}: inject_headers.{header}: {e}"));
+            }
+        }
+        if let Some(ca) = &up.ca_file {
+            let checked = read_file_blocking(ca, FileKind::CaBundle)
+                .map_err(crate::upstream::OriginationError::from)
+                .and_then(|pem| crate::upstream::tls::parse_ca_pem(ca, &pem));
+            if let Err(e) = checked {
+                errors.push(format!("{ctx}: upstream.ca_file: {e}"));
+            }
+        }
+    }
+    errors
 }
 
 /// Loads a policy, or prints every error in it and gives the exit code for bad input.
@@ -158,6 +228,33 @@ fn test(policy: &Path, tests: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// The MCP message `--mcp-message` or `--mcp-tool` names, if any.
+fn mcp_call(
+    message: Option<&str>,
+    tool: Option<String>,
+) -> Result<Option<egress_policy::McpCall>, ExitCode> {
+    if let Some(text) = message {
+        return match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) if v.get("method").is_some_and(|m| m.is_string()) => {
+                Ok(Some(egress_policy::McpCall::from_message(&v)))
+            }
+            Ok(_) => {
+                eprintln!("error: --mcp-message: a JSON-RPC message with a string `method`");
+                Err(ExitCode::from(INVALID_INPUT))
+            }
+            Err(e) => {
+                eprintln!("error: --mcp-message: not JSON: {e}");
+                Err(ExitCode::from(INVALID_INPUT))
+            }
+        };
+    }
+    Ok(tool.map(|t| egress_policy::McpCall {
+        method: egress_policy::mcp::TOOLS_CALL.into(),
+        name: Some(t),
+        arguments: Default::default(),
+    }))
+}
+
 fn explain(
     policy: &Path,
     source: &str,
@@ -165,6 +262,7 @@ fn explain(
     headers: &[String],
     model: Option<&str>,
     address: Option<std::net::SocketAddr>,
+    mcp: Option<&egress_policy::McpCall>,
 ) -> ExitCode {
     let policy = match load_or_report(policy) {
         Ok(p) => p,
@@ -187,15 +285,14 @@ fn explain(
     let mut hs = Vec::new();
     for h in headers {
         match h.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                hs.push((k.trim().to_ascii_lowercase(), v.to_owned()))
-            }
+            Some((k, v)) if !k.trim().is_empty() => hs.push((k.trim(), v)),
             _ => {
                 eprintln!("error: --header {h:?}: expected NAME=VALUE");
                 return ExitCode::from(INVALID_INPUT);
             }
         }
     }
+    let path_model = egress_policy::model_from_path(&line.path);
     let req = Request {
         source: &source,
         source_address: address,
@@ -205,10 +302,12 @@ fn explain(
         port: line.port,
         path: &line.path,
         query: &line.query,
-        headers: &hs,
-        llm_model: model,
+        // The same view the gateway builds: a repeated --header joins like a repeated header.
+        headers: &egress_policy::HeaderView::new(hs),
+        // A Gemini-style path names the model the upstream runs, as live traffic reads it.
+        llm_model: path_model.as_deref().or(model),
         now: SystemTime::now(),
     };
-    print!("{}", policy.explain(&req));
+    print!("{}", policy.explain_mcp(&req, mcp));
     ExitCode::SUCCESS
 }

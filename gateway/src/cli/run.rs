@@ -1,4 +1,5 @@
-//! `egress-gateway run`: serve until SIGTERM/SIGINT; reload the policy on SIGHUP.
+//! `egress-gateway run`: serve until SIGTERM/SIGINT; reload the policy on SIGHUP;
+//! reopen a file audit log on SIGUSR1 (after logrotate moved it).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,10 +64,11 @@ pub fn run(args: RunArgs) -> ExitCode {
 
 async fn wait_for_shutdown_signal(gateway: &server::RunningGateway) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
     ) else {
         tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
         let _ = tokio::signal::ctrl_c().await;
@@ -78,7 +80,17 @@ async fn wait_for_shutdown_signal(gateway: &server::RunningGateway) {
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy");
-                let _ = gateway.reload_policy();
+                // In its own task: SIGTERM is answered even while a reload reads files.
+                tokio::spawn(gateway.reload_policy());
+            }
+            _ = usr1.recv() => {
+                let reopen = gateway.reopen_audit_log();
+                tokio::spawn(async move {
+                    match reopen.await {
+                        Ok(()) => tracing::info!("SIGUSR1: audit log reopened"),
+                        Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the audit log; writing to the old file"),
+                    }
+                });
             }
         }
     }

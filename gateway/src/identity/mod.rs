@@ -5,6 +5,7 @@
 //! connections. The swap happens only once the new material is fully built, so there is
 //! no window in which a handshake finds no certificate.
 
+mod failure;
 mod material;
 mod tls;
 mod verifier;
@@ -17,9 +18,10 @@ use spiffe::x509_source::SvidPicker;
 use spiffe::{SpiffeId, X509Source, X509Svid};
 use tokio::sync::watch;
 
+pub use failure::describe_tls_failure;
 pub use material::{peer_spiffe_id, Material, MaterialError, PeerIdError};
 pub use tls::{client_config_for_peer, server_config, TlsError};
-pub use verifier::{SpiffeClientVerifier, SpiffeRejection, SpiffeServerVerifier};
+pub use verifier::{PeerCredential, SpiffeClientVerifier, SpiffeRejection, SpiffeServerVerifier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -5,6 +5,7 @@
 //! trust domain. Both verifiers read the current bundles on every handshake.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use egress_policy::SpiffeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -197,5 +198,52 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         algorithms(&self.provider).supported_schemes()
+    }
+}
+
+/// What a client authenticated with on the mTLS listener, kept while its connection
+/// and the tunnels it opened are open: the gateway closes them when the certificate
+/// expires and re-verifies the chain when the trust bundles change.
+#[derive(Debug, Clone)]
+pub struct PeerCredential {
+    /// The chain the client presented, leaf first.
+    pub chain: Arc<[CertificateDer<'static>]>,
+    /// The earliest `notAfter` in that chain: the chain verifies until then at most.
+    pub not_after: SystemTime,
+}
+
+impl PeerCredential {
+    /// From the verified chain of a finished handshake; `None` for an empty or
+    /// unparsable one (which the verifier would have refused).
+    pub fn from_chain(chain: &[CertificateDer<'_>]) -> Option<Self> {
+        let mut not_after: Option<SystemTime> = None;
+        for cert in chain {
+            let (_, end) = super::material::validity(cert).ok()?;
+            not_after = Some(not_after.map_or(end, |n| n.min(end)));
+        }
+        Some(PeerCredential {
+            chain: chain.iter().map(|c| c.clone().into_owned()).collect(),
+            not_after: not_after?,
+        })
+    }
+
+    /// Verifies the chain again, now, against the current bundle of its trust domain,
+    /// as the listener's verifier did at the handshake.
+    pub fn verify(&self, identity: &IdentitySource) -> Result<(), rustls::Error> {
+        let (leaf, intermediates) = self
+            .chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let id = peer_spiffe_id(leaf).map_err(|e| reject(SpiffeRejection::PeerId(e)))?;
+        let td = id.trust_domain();
+        let material = identity
+            .current()
+            .ok_or_else(|| reject(SpiffeRejection::NoLocalIdentity))?;
+        let verifier = material
+            .client_verifier(td)
+            .ok_or_else(|| reject(SpiffeRejection::NoBundle(td.into())))?;
+        verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+            .map(|_| ())
     }
 }

@@ -515,6 +515,18 @@ impl Admission {
         if (bytes == 0 || !self.counts_bytes()) && (tokens.is_none() || !self.counts_tokens()) {
             return;
         }
+        // Counts in this process take no I/O: charged here, without a task per request.
+        if self.limits.shared.is_none() || self.local {
+            if let (Some(limit), true) = (self.budgets.bytes, bytes > 0) {
+                let total = self.limits.memory.charge(&self.key, LimitKind::BytesPerHour, bytes);
+                self.limits.observe(&self.key, LimitKind::BytesPerHour, total, limit);
+            }
+            if let (Some(limit), Some(n)) = (self.budgets.tokens, tokens.filter(|n| *n > 0)) {
+                let total = self.limits.memory.charge(&self.key, LimitKind::LlmTokensPerHour, n);
+                self.limits.observe(&self.key, LimitKind::LlmTokensPerHour, total, limit);
+            }
+            return;
+        }
         tokio::spawn(async move {
             self.charge_bytes(bytes).await;
             if let Some(t) = tokens {

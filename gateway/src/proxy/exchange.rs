@@ -14,6 +14,7 @@ use opentelemetry::KeyValue;
 use crate::audit::{now_rfc3339, AuditLog, AuditRecord};
 use crate::telemetry::{RequestSpan, Telemetry, TraceContext};
 
+use super::llm::{Accounting, Provider};
 use super::refusal::Refusal;
 use super::PeerIdentity;
 
@@ -24,6 +25,20 @@ pub struct Exchange {
     span: Option<RequestSpan>,
     pub trace: TraceContext,
     record: Option<AuditRecord>,
+    /// Budgets to charge when the exchange ends, and the LLM usage read on the way.
+    llm: Option<Accounting>,
+    /// The other JSON-RPC messages of an MCP batch: decision and `mcp_*` fields of a
+    /// line each, written with this exchange's.
+    mcp_lines: Vec<AuditRecord>,
+}
+
+/// The `mcp_*` fields of one audit line.
+#[derive(Debug, Clone, Default)]
+pub struct McpFields {
+    pub method: Option<String>,
+    pub tool: Option<String>,
+    pub request_id: Option<String>,
+    pub tool_label: Option<String>,
 }
 
 impl Exchange {
@@ -57,6 +72,8 @@ impl Exchange {
             span: Some(span),
             trace,
             record: Some(record),
+            llm: None,
+            mcp_lines: Vec::new(),
         }
     }
 
@@ -73,19 +90,54 @@ impl Exchange {
     }
 
     pub fn set_decision(&mut self, d: &Decision) {
-        let r = self.rec();
-        r.decision = if d.allowed { "allow" } else { "deny" };
-        r.enforced = d.allowed || d.enforced;
-        r.agent = d.agent.clone();
-        r.pathway = d.pathway.as_ref().map(|p| p.name.clone());
-        r.rule = d.rule.clone();
-        r.reason = d.reason.to_string();
-        r.dry_run_rules = d.dry_run_rules.clone();
+        apply_decision(self.rec(), d);
+    }
+
+    /// The JSON-RPC message this line is about (MCP pathways).
+    pub fn set_mcp(&mut self, m: McpFields) {
+        apply_mcp(self.rec(), m);
+    }
+
+    /// Another JSON-RPC message of the same request (a batch): its own audit line with
+    /// its own decision, written when this exchange's is.
+    pub fn add_mcp_line(&mut self, d: &Decision, m: McpFields) {
+        let mut line = AuditRecord::default();
+        apply_decision(&mut line, d);
+        apply_mcp(&mut line, m);
+        self.mcp_lines.push(line);
     }
 
     /// The OpenAI-compatible request's `model` (audit `llm_model`, span `gen_ai.request.model`).
     pub fn set_llm_model(&mut self, model: Option<&str>) {
         self.rec().llm_model = model.map(str::to_string);
+    }
+
+    /// The API family of an LLM request (audit `llm_provider`, span `gen_ai.system`).
+    pub fn set_llm_provider(&mut self, provider: Option<Provider>) {
+        self.rec().llm_provider = provider.map(Provider::system);
+    }
+
+    /// Charges the admitted request's budgets when the exchange ends, however it ends.
+    pub fn attach_accounting(&mut self, accounting: Accounting) {
+        self.llm = Some(accounting);
+    }
+
+    pub fn accounting_mut(&mut self) -> Option<&mut Accounting> {
+        self.llm.as_mut()
+    }
+
+    /// Marks a request read inside intercepted TLS (audit `tls_intercepted`).
+    pub fn set_intercepted(&mut self) {
+        self.rec().tls_intercepted = true;
+    }
+
+    /// Ends without an audit line or span: an intercepted tunnel whose requests each
+    /// had their own.
+    pub fn discard(mut self) {
+        self.record = None;
+        if let Some(span) = self.span.take() {
+            span.discard();
+        }
     }
 
     pub fn set_resolved(&mut self, ip: std::net::IpAddr) {
@@ -114,6 +166,19 @@ impl Exchange {
         self.write();
     }
 
+    /// Writes the line for a tunnel refused after it opened (its ClientHello failed the
+    /// SNI check): a denial with its reason; `status` is what the CONNECT got.
+    pub fn deny_after_open(mut self, status: u16, bytes: &ByteCounts, reason: String) {
+        let r = self.rec();
+        r.decision = "deny";
+        r.enforced = true;
+        r.reason = reason;
+        r.status = status;
+        r.bytes_sent = bytes.sent();
+        r.bytes_received = bytes.received();
+        self.write();
+    }
+
     /// Writes the line for a request that was served.
     pub fn finish(mut self, status: u16, bytes: &ByteCounts, error: Option<String>) {
         let r = self.rec();
@@ -130,6 +195,9 @@ impl Exchange {
     /// describe the same request.
     fn write(&mut self) {
         if let Some(mut record) = self.record.take() {
+            if let Some(accounting) = self.llm.take() {
+                accounting.finish(&mut record);
+            }
             let elapsed = self.started.elapsed();
             record.duration_ms = elapsed.as_millis() as u64;
             if let Some(mut span) = self.span.take() {
@@ -139,9 +207,51 @@ impl Exchange {
             self.telemetry
                 .metrics
                 .record(&record, elapsed.as_secs_f64());
+            // Batch messages share the request's line but for their own decision; the
+            // bytes are counted once, on the request's line.
+            for m in std::mem::take(&mut self.mcp_lines) {
+                let mut line = record.clone();
+                line.decision = m.decision;
+                line.enforced = m.enforced;
+                line.agent = m.agent;
+                line.pathway = m.pathway;
+                line.rule = m.rule;
+                line.reason = m.reason;
+                line.dry_run_rules = m.dry_run_rules;
+                apply_mcp(
+                    &mut line,
+                    McpFields {
+                        method: m.mcp_method,
+                        tool: m.mcp_tool,
+                        request_id: m.mcp_request_id,
+                        tool_label: m.mcp_tool_label,
+                    },
+                );
+                line.bytes_sent = 0;
+                line.bytes_received = 0;
+                self.telemetry.metrics.record_mcp(&line);
+                self.audit.record(line);
+            }
             self.audit.record(record);
         }
     }
+}
+
+fn apply_decision(r: &mut AuditRecord, d: &Decision) {
+    r.decision = if d.allowed { "allow" } else { "deny" };
+    r.enforced = d.allowed || d.enforced;
+    r.agent = d.agent.clone();
+    r.pathway = d.pathway.as_ref().map(|p| p.name.clone());
+    r.rule = d.rule.clone();
+    r.reason = d.reason.to_string();
+    r.dry_run_rules = d.dry_run_rules.clone();
+}
+
+fn apply_mcp(r: &mut AuditRecord, m: McpFields) {
+    r.mcp_method = m.method;
+    r.mcp_tool = m.tool;
+    r.mcp_request_id = m.request_id;
+    r.mcp_tool_label = m.tool_label;
 }
 
 impl Drop for Exchange {
@@ -165,7 +275,6 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
         KeyValue::new("http.request.method", r.method.clone()),
         KeyValue::new("server.address", r.host.clone()),
         KeyValue::new("server.port", i64::from(r.port)),
-        KeyValue::new("client.address", r.source_address.clone()),
         KeyValue::new("http.response.status_code", i64::from(r.status)),
         KeyValue::new("spiffe.peer_id", r.source_spiffe_id.clone()),
         KeyValue::new("egress.kind", r.kind),
@@ -178,18 +287,61 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
         KeyValue::new("egress.bytes_sent", r.bytes_sent as i64),
         KeyValue::new("egress.bytes_received", r.bytes_received as i64),
     ];
+    if r.tls_intercepted {
+        attrs.push(KeyValue::new("egress.tls_intercepted", true));
+    }
     if r.kind == "http" {
+        let scheme = if r.tls_intercepted { "https" } else { "http" };
         attrs.push(KeyValue::new(
             "url.full",
-            format!("http://{}:{}{}", r.host, r.port, r.path),
+            format!("{scheme}://{}:{}{}", r.host, r.port, r.path),
         ));
         attrs.push(KeyValue::new("url.path", r.path.clone()));
     }
+    // The agent is the client: its IP and port apart, as the semantic conventions
+    // name them (`client.address` never carries a port).
+    match r.source_address.parse::<std::net::SocketAddr>() {
+        Ok(agent) => {
+            attrs.push(KeyValue::new("client.address", agent.ip().to_string()));
+            attrs.push(KeyValue::new("client.port", i64::from(agent.port())));
+        }
+        Err(_) if !r.source_address.is_empty() => {
+            attrs.push(KeyValue::new("client.address", r.source_address.clone()));
+        }
+        Err(_) => {}
+    }
+    // The destination is `server.*` (the host the agent asked for); the address the
+    // gateway connected to for it is `network.peer.*`.
     if let Some(ip) = &r.resolved_ip {
         attrs.push(KeyValue::new("network.peer.address", ip.clone()));
     }
+    // OpenTelemetry GenAI semantic conventions.
+    if let Some(method) = &r.mcp_method {
+        attrs.push(KeyValue::new("mcp.method.name", method.clone()));
+    }
+    if let Some(tool) = &r.mcp_tool {
+        attrs.push(KeyValue::new("mcp.tool.name", tool.clone()));
+    }
+    if let Some(id) = &r.mcp_request_id {
+        attrs.push(KeyValue::new("jsonrpc.request.id", id.clone()));
+    }
+    if let Some(system) = r.llm_provider {
+        attrs.push(KeyValue::new("gen_ai.system", system));
+    }
     if let Some(model) = &r.llm_model {
         attrs.push(KeyValue::new("gen_ai.request.model", model.clone()));
+    }
+    if let Some(model) = &r.llm_response_model {
+        attrs.push(KeyValue::new("gen_ai.response.model", model.clone()));
+    }
+    if let Some(n) = r.llm_input_tokens {
+        attrs.push(KeyValue::new("gen_ai.usage.input_tokens", i64::try_from(n).unwrap_or(i64::MAX)));
+    }
+    if let Some(n) = r.llm_output_tokens {
+        attrs.push(KeyValue::new("gen_ai.usage.output_tokens", i64::try_from(n).unwrap_or(i64::MAX)));
+    }
+    if let Some(source) = r.llm_usage_source {
+        attrs.push(KeyValue::new("egress.llm_usage_source", source));
     }
     if let Some(limit) = &r.limit {
         attrs.push(KeyValue::new("egress.limit", limit.clone()));

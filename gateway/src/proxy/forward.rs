@@ -29,8 +29,8 @@ use super::dial::{DialError, Dialer};
 use super::exchange::{ByteCounts, Exchange};
 use super::metered::{CountingBody, Direction};
 use super::refusal::Refusal;
-use super::target::parse_authority;
-use super::{denial, dial_refusal, llm, refuse, PeerIdentity, Proxy, ProxyBody};
+use super::target::{parse_authority, Target};
+use super::{denial, dial_refusal, llm, mcp, refuse, PeerIdentity, Proxy, ProxyBody};
 
 /// Upstream HTTP clients, one pool per set of `allow_cidrs` and upstream TLS profile
 /// (the guard a connection was checked against and the verification it passed are both
@@ -78,17 +78,27 @@ impl Forwarder {
     }
 }
 
+/// How an L7 request reached the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// `METHOD http://host:port/...` on the mTLS connection.
+    AbsoluteForm,
+    /// Inside an agent's TLS the gateway terminated for a CONNECT tunnel.
+    Intercepted,
+}
+
 /// A request body as received, or read into memory (bounded) for `models` or
-/// `max_request_body_bytes`.
-enum ReqBody {
+/// `max_request_body_bytes`, or its first bytes read and the rest still streaming.
+pub(super) enum ReqBody {
     Streaming(Incoming),
     Buffered(Bytes),
+    Partial(Bytes, Incoming),
 }
 
 impl ReqBody {
     /// Reads the body into memory unless it already is; more than `limit` bytes is 413
     /// before anything is forwarded.
-    async fn buffer(self, headers: &HeaderMap, limit: u64) -> Result<ReqBody, Refusal> {
+    pub(super) async fn buffer(self, headers: &HeaderMap, limit: u64) -> Result<ReqBody, Refusal> {
         let too_large = || Refusal::TooLarge {
             reason: format!("request body larger than {limit} bytes"),
             limit: "max_request_body_bytes".into(),
@@ -96,6 +106,17 @@ impl ReqBody {
         match self {
             ReqBody::Buffered(b) if b.len() as u64 > limit => Err(too_large()),
             ReqBody::Buffered(b) => Ok(ReqBody::Buffered(b)),
+            ReqBody::Partial(head, _) if head.len() as u64 > limit => Err(too_large()),
+            ReqBody::Partial(head, rest) => {
+                let cap = usize::try_from(limit - head.len() as u64).unwrap_or(usize::MAX);
+                match http_body_util::Limited::new(rest, cap).collect().await {
+                    Ok(tail) => Ok(ReqBody::Buffered([head, tail.to_bytes()].concat().into())),
+                    Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+                    Err(e) => Err(Refusal::BadRequest(format!(
+                        "cannot read the request body: {e}"
+                    ))),
+                }
+            }
             ReqBody::Streaming(body) => {
                 let declared = headers
                     .get(header::CONTENT_LENGTH)
@@ -116,10 +137,37 @@ impl ReqBody {
         }
     }
 
+    /// Reads up to `cap` bytes: the whole body when it is no larger, else what was
+    /// read and the rest still streaming.
+    async fn peek(self, cap: usize) -> Result<ReqBody, Refusal> {
+        let ReqBody::Streaming(mut body) = self else {
+            return Ok(self);
+        };
+        let mut read = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| Refusal::BadRequest(format!("cannot read the request body: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                read.extend_from_slice(&data);
+                if read.len() > cap {
+                    return Ok(ReqBody::Partial(read.freeze(), body));
+                }
+            }
+        }
+        Ok(ReqBody::Buffered(read.freeze()))
+    }
+
     fn into_proxy_body(self) -> ProxyBody {
         match self {
             ReqBody::Streaming(b) => b.boxed(),
             ReqBody::Buffered(b) => super::refusal::full(b),
+            ReqBody::Partial(head, rest) => {
+                let head = futures::stream::iter([Ok(hyper::body::Frame::data(head))]);
+                http_body_util::StreamBody::new(
+                    futures::StreamExt::chain(head, http_body_util::BodyStream::new(rest)),
+                )
+                .boxed()
+            }
         }
     }
 }
@@ -145,7 +193,7 @@ impl Proxy {
                 port: target.port,
                 path,
                 query: "",
-                headers: &[],
+                headers: egress_policy::HeaderView::empty(),
                 llm_model: None,
                 now: std::time::SystemTime::now(),
             })
@@ -208,36 +256,91 @@ impl Proxy {
                 return refuse(ex, Refusal::BadRequest(e.to_string()));
             }
         };
+        ex.set_target(&target.host.as_policy_str(), target.port, uri.path());
+        self.forward_to(ex, req, peer, target, Origin::AbsoluteForm)
+            .await
+    }
+
+    /// A request read inside an agent's TLS the gateway terminated: the destination
+    /// is the tunnel's CONNECT target, whatever the request line or `Host` says.
+    pub(super) async fn forward_intercepted(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: &PeerIdentity,
+        target: &Target,
+    ) -> Response<ProxyBody> {
+        let mut ex = Exchange::begin(
+            self.audit.clone(),
+            &self.telemetry,
+            peer,
+            "http",
+            req.method().as_str(),
+            req.headers(),
+        );
+        ex.set_intercepted();
+        ex.set_target(&target.host.as_policy_str(), target.port, req.uri().path());
+        self.forward_to(ex, req, peer, target.clone(), Origin::Intercepted)
+            .await
+    }
+
+    /// Decides one L7 request and forwards it: the model read, limits, credential
+    /// injection and upstream TLS, one audit line and span.
+    async fn forward_to(
+        self: Arc<Self>,
+        mut ex: Exchange,
+        req: Request<Incoming>,
+        peer: &PeerIdentity,
+        target: Target,
+        origin: Origin,
+    ) -> Response<ProxyBody> {
+        let method = req.method().as_str().to_string();
+        let uri = req.uri().clone();
         let path = uri.path().to_string();
         let query = uri.query().unwrap_or_default().to_string();
-        ex.set_target(&target.host.as_policy_str(), target.port, &path);
 
         let (mut parts, body) = req.into_parts();
         let mut body = ReqBody::Streaming(body);
-        // Two-phase evaluation: when a pathway's `models` may decide, read the (bounded)
-        // body first so the policy sees the model.
-        let mut llm_model = None;
+        // Two-phase evaluation: when a pathway's `models` may decide, read the (bounded,
+        // decoded) body first so the policy sees the model. A Gemini-style path names
+        // the model the upstream runs, whatever the body says.
+        let mut llm_model = egress_policy::model_from_path(&path);
         if let Some(limit) = self.model_body_limit(peer, &method, &target, &path) {
             body = match body.buffer(&parts.headers, limit).await {
                 Ok(b) => b,
                 Err(refusal) => return refuse(ex, refusal),
             };
-            if let ReqBody::Buffered(bytes) = &body {
-                llm_model = llm::model_from_body(bytes);
+            if let (None, ReqBody::Buffered(bytes)) = (&llm_model, &body) {
+                llm_model = match llm::decoded_request_body(&parts.headers, bytes, limit) {
+                    Ok(text) => llm::model_from_body(&text),
+                    Err(refusal) => return refuse(ex, refusal),
+                };
             }
-            ex.set_llm_model(llm_model.as_deref());
         }
+        ex.set_llm_model(llm_model.as_deref());
 
-        let decision = self.decide(
-            peer,
-            RequestKind::Http,
-            &method,
-            &target,
-            &path,
-            &query,
-            &parts.headers,
-            llm_model.as_deref(),
-        );
+        // On MCP pathways every JSON-RPC message is decided on its own (mcp.rs).
+        let decided = self
+            .decide_l7(
+                ex,
+                peer,
+                &method,
+                &target,
+                &path,
+                &query,
+                &mut parts.headers,
+                body,
+                llm_model.as_deref(),
+            )
+            .await;
+        let mcp::Decided {
+            mut ex,
+            decision,
+            mut body,
+            plan: mcp_plan,
+        } = match decided {
+            Ok(d) => d,
+            Err(answered) => return answered,
+        };
         ex.set_decision(&decision);
         if !decision.permits() {
             return refuse(ex, denial(&decision));
@@ -259,6 +362,41 @@ impl Proxy {
         let allow = super::allowed_ranges(&decision, &self.global_allow);
 
         let counts = ByteCounts::new();
+        if pathway
+            .as_ref()
+            .is_some_and(|p| p.models.is_some() || p.limits.llm_tokens_per_hour.is_some())
+        {
+            ex.set_llm_provider(llm::Provider::for_path(&path));
+        }
+        if let Some(admission) = admission {
+            let mut accounting = llm::Accounting::new(admission, counts.clone(), &path);
+            if accounting.counts_tokens() {
+                // On a token budget the body is read (bounded) so a streaming request
+                // can be made to report its usage; a larger one is forwarded as it is
+                // and charged from its bytes.
+                let cap = pathway
+                    .as_ref()
+                    .and_then(|p| p.limits.max_request_body_bytes)
+                    .unwrap_or(0)
+                    .max(egress_policy::DEFAULT_MODEL_BODY_LIMIT);
+                body = match body.peek(usize::try_from(cap).unwrap_or(usize::MAX)).await {
+                    Ok(b) => b,
+                    Err(refusal) => return refuse(ex, refusal),
+                };
+                if let ReqBody::Buffered(bytes) = &body {
+                    match llm::prepare_request(&path, &mut parts.headers, bytes, cap) {
+                        Ok(mut prepared) => {
+                            if let Some(rewritten) = prepared.body.take() {
+                                body = ReqBody::Buffered(rewritten);
+                            }
+                            accounting.set_prepared(prepared);
+                        }
+                        Err(refusal) => return refuse(ex, refusal),
+                    }
+                }
+            }
+            ex.attach_accounting(accounting);
+        }
         strip_hop_by_hop(&mut parts.headers);
         // The destination the policy decided on is the one the upstream sees: a Host
         // header naming another site would let an agent front through an allowed one
@@ -272,46 +410,69 @@ impl Proxy {
                 .insert(HeaderName::from_static("traceparent"), tp);
         }
         let mut profile = None;
-        if let Some(p) = &pathway {
-            if let Some(up) = &p.upstream {
-                // Injection replaces whatever the agent sent under that name.
-                for (name, secret) in &up.inject_headers {
-                    let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
-                        return refuse(
-                            ex,
-                            Refusal::UpstreamUnreachable(format!(
-                                "pathway `{}`: bad inject_headers name",
-                                p.name
-                            )),
-                        );
-                    };
-                    match self
-                        .secrets
-                        .header_value(&secret.secret_file, &secret.prefix)
-                    {
-                        Ok(v) => {
-                            parts.headers.remove(&name);
-                            parts.headers.insert(name, v);
-                        }
-                        // Never forward without the credential.
-                        Err(e) => {
-                            return refuse(
-                                ex,
-                                Refusal::UpstreamUnreachable(format!("pathway `{}`: {e}", p.name)),
-                            )
-                        }
+        // The agent asked for https: what it intercepted leaves over TLS, with the
+        // pathway's verification settings, or public roots when it has none.
+        let upstream = match (origin, pathway.as_ref().and_then(|p| p.upstream.as_ref())) {
+            (Origin::AbsoluteForm, up) => up.cloned(),
+            (Origin::Intercepted, Some(up)) => Some(egress_policy::Upstream {
+                tls: true,
+                ..up.clone()
+            }),
+            (Origin::Intercepted, None) => Some(egress_policy::Upstream {
+                tls: true,
+                ca_file: None,
+                spiffe_id: None,
+                inject_headers: Vec::new(),
+            }),
+        };
+        let pathway_name = pathway.as_ref().map(|p| p.name.clone()).unwrap_or_default();
+        if let Some(up) = &upstream {
+            // Injection replaces whatever the agent sent under that name.
+            for (name, secret) in &up.inject_headers {
+                let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+                    return refuse(
+                        ex,
+                        Refusal::UpstreamUnreachable(format!(
+                            "pathway `{pathway_name}`: bad inject_headers name"
+                        )),
+                    );
+                };
+                match self
+                    .secrets
+                    .header_value(&secret.secret_file, &secret.prefix)
+                    .await
+                {
+                    Ok(v) => {
+                        parts.headers.remove(&name);
+                        parts.headers.insert(name, v);
                     }
-                }
-                profile = match self.upstream_tls.profile(up) {
-                    Ok(prof) => prof,
+                    // Never forward without the credential.
                     Err(e) => {
                         return refuse(
                             ex,
-                            Refusal::UpstreamUnreachable(format!("pathway `{}`: {e}", p.name)),
+                            Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {e}")),
                         )
                     }
-                };
+                }
             }
+            // East-west: the workload learns which agent calls (Envoy's XFCC format),
+            // never what the agent claimed.
+            if up.spiffe_id.is_some() {
+                let xfcc = HeaderName::from_static("x-forwarded-client-cert");
+                parts.headers.remove(&xfcc);
+                if let Some(v) = self.upstream_tls.forwarded_client_cert(&peer.spiffe_id) {
+                    parts.headers.insert(xfcc, v);
+                }
+            }
+            profile = match self.upstream_tls.profile(up).await {
+                Ok(prof) => prof,
+                Err(e) => {
+                    return refuse(
+                        ex,
+                        Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {e}")),
+                    )
+                }
+            };
         }
         // The pool is keyed by scheme and authority; a canonical one avoids duplicates.
         parts.uri = match Uri::builder()
@@ -323,15 +484,32 @@ impl Proxy {
             Ok(u) => u,
             Err(e) => return refuse(ex, Refusal::BadRequest(format!("bad request target: {e}"))),
         };
+        // The upstream pool speaks HTTP/1.1, whatever the agent spoke to the gateway
+        // (HTTP/2 inside intercepted TLS).
+        parts.version = http::Version::HTTP_11;
         let body =
             CountingBody::new(body.into_proxy_body(), counts.clone(), Direction::Sent).boxed();
         let upstream_req = Request::from_parts(parts, body);
 
-        let pathway_name = pathway.as_ref().map(|p| p.name.clone()).unwrap_or_default();
         let client = self.forwarder.client(&allow, profile);
-        let response = match client.request(upstream_req).await {
-            Ok(r) => r,
-            Err(e) => {
+        // Bounds the wait for the response headers only; a streamed body may run longer.
+        let response_timeout = pathway
+            .as_ref()
+            .and_then(|p| p.timeouts.response)
+            .unwrap_or(self.response_timeout);
+        let response = match tokio::time::timeout(response_timeout, client.request(upstream_req))
+            .await
+        {
+            Ok(Ok(r)) => r,
+            Err(_) => {
+                return refuse(
+                    ex,
+                    Refusal::UpstreamTimeout(format!(
+                        "no response from the upstream within {response_timeout:?}"
+                    )),
+                )
+            }
+            Ok(Err(e)) => {
                 let refusal = match (find_dial_error(&e), find_tls_error(&e)) {
                     (Some(dial), _) => dial_refusal(dial),
                     (None, Some(tls)) => {
@@ -351,22 +529,24 @@ impl Proxy {
         let status = response.status().as_u16();
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let usage = admission.as_ref().filter(|a| a.counts_tokens()).map(|_| {
-            llm::UsageParser::for_content_type(
-                parts
-                    .headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok()),
-            )
-        });
-        let body = CountingBody::new(body, counts.clone(), Direction::Received)
+        let strip_usage_chunk = ex
+            .accounting_mut()
+            .is_some_and(|acc| acc.response(status, &parts.headers));
+        let body = CountingBody::new(body, counts, Direction::Received)
             .finishing(ex, status)
             .boxed();
-        let body = match admission {
-            Some(a) => llm::LimitedBody::new(body, a, counts, usage).boxed(),
-            None => body,
+        let body = if strip_usage_chunk {
+            // The agent did not ask for the usage chunk the gateway added.
+            parts.headers.remove(header::CONTENT_LENGTH);
+            llm::StripUsageChunk::new(body).boxed()
+        } else {
+            body
         };
-        Response::from_parts(parts, body)
+        let response = Response::from_parts(parts, body);
+        match mcp_plan {
+            Some(plan) => plan.respond(response),
+            None => response,
+        }
     }
 }
 

@@ -41,6 +41,10 @@ struct Finisher {
 }
 
 impl Finisher {
+    fn accounting(&mut self) -> Option<&mut super::llm::Accounting> {
+        self.pending.as_mut().and_then(|(ex, _)| ex.accounting_mut())
+    }
+
     fn finish(&mut self, error: Option<String>) {
         if let Some((exchange, status)) = self.pending.take() {
             exchange.finish(status, &self.counts, error);
@@ -98,9 +102,18 @@ where
                         Direction::Sent => this.counts.add_sent(n),
                         Direction::Received => this.counts.add_received(n),
                     }
+                    // The response's usage is read from the bytes as they pass.
+                    if let Some(acc) = this.finish.accounting() {
+                        acc.feed(data);
+                    }
                 }
             }
-            Poll::Ready(None) => this.finish.finish(None),
+            Poll::Ready(None) => {
+                if let Some(acc) = this.finish.accounting() {
+                    acc.body_ended();
+                }
+                this.finish.finish(None)
+            }
             Poll::Ready(Some(Err(e))) => this.finish.finish(Some(format!("body error: {e}"))),
             Poll::Pending => {}
         }

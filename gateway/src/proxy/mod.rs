@@ -4,10 +4,15 @@
 pub mod address_guard;
 pub mod client_hello;
 pub mod dial;
+mod encoding;
 mod exchange;
 mod forward;
+mod guarded;
+mod intercept;
 mod llm;
+mod mcp;
 mod metered;
+pub mod peer_lifetime;
 mod refusal;
 pub mod registry;
 pub mod target;
@@ -57,11 +62,16 @@ pub struct Proxy {
     stop_tunnels: CancellationToken,
     registry: Arc<registry::Registry>,
     client_hello_timeout: Duration,
+    /// Time to an upstream's response headers, unless the pathway sets its own.
+    response_timeout: Duration,
     global_allow: Vec<ipnet::IpNet>,
     /// L7 pathways: limits, injected credentials, upstream TLS.
     limits: Arc<crate::limits::Limits>,
     secrets: crate::upstream::Secrets,
     upstream_tls: crate::upstream::UpstreamTls,
+    /// Signs the leaves for intercepted tunnels; `None`: tunnels to L7 destinations
+    /// are refused.
+    interception: Option<Arc<crate::interception::InterceptionCa>>,
 }
 
 impl Proxy {
@@ -83,11 +93,19 @@ impl Proxy {
             stop_tunnels: CancellationToken::new(),
             registry: Arc::default(),
             client_hello_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(60),
             global_allow: Vec::new(),
             limits: Arc::default(),
             secrets: crate::upstream::Secrets::default(),
             upstream_tls: crate::upstream::UpstreamTls::new(None),
+            interception: None,
         }
+    }
+
+    /// TLS interception for CONNECTs to destinations an L7 pathway names.
+    pub fn with_interception(mut self, ca: Option<Arc<crate::interception::InterceptionCa>>) -> Self {
+        self.interception = ca;
+        self
     }
 
     /// Limits, the secrets checked at policy load, and the gateway's identity for
@@ -138,6 +156,13 @@ impl Proxy {
         self
     }
 
+    /// How long a forwarded request waits for the upstream's response headers
+    /// (gateway.yaml `timeouts.response`); a pathway's `timeouts.response` wins.
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
     /// Open tunnels and connections, for re-checks on policy reload.
     pub fn registry(&self) -> &Arc<registry::Registry> {
         &self.registry
@@ -177,14 +202,7 @@ impl Proxy {
         headers: &HeaderMap,
         llm_model: Option<&str>,
     ) -> Decision {
-        let headers: Vec<(String, String)> = headers
-            .iter()
-            .filter_map(|(k, v)| {
-                v.to_str()
-                    .ok()
-                    .map(|v| (k.as_str().to_string(), v.to_string()))
-            })
-            .collect();
+        let headers = header_pairs(headers);
         let host = target.host.as_policy_str();
         let request = egress_policy::Request {
             source: &peer.spiffe_id,
@@ -212,16 +230,10 @@ impl Proxy {
     }
 }
 
-/// Header names and values as the policy sees them (lower-case names, UTF-8 values).
-fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_string(), v.to_string()))
-        })
-        .collect()
+/// The headers as the policy sees them: every one the gateway would forward, non-UTF-8
+/// bytes replaced and repeats joined (see [`egress_policy::HeaderView`]).
+fn header_pairs(headers: &HeaderMap) -> egress_policy::HeaderView {
+    egress_policy::HeaderView::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
 }
 
 /// Sends the refusal to the agent and writes its audit line.
@@ -235,6 +247,7 @@ fn denial(decision: &Decision) -> Refusal {
     Refusal::Denied {
         reason: decision.reason.to_string(),
         rule: decision.rule.clone(),
+        code: decision.reason.code(),
     }
 }
 
@@ -266,6 +279,7 @@ fn dial_refusal(e: &DialError) -> Refusal {
             Refusal::Denied {
                 reason: "destination address not allowed".into(),
                 rule: None,
+                code: "destination_address_blocked",
             }
         }
         e if e.is_timeout() => Refusal::UpstreamTimeout(e.to_string()),

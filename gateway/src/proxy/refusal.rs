@@ -10,10 +10,12 @@ use super::ProxyBody;
 pub enum Refusal {
     /// The request itself is malformed or not a proxy request (downstream's fault).
     BadRequest(String),
-    /// The policy said no.
+    /// The policy said no. `code` is the stable reason code (`Reason::code()` for
+    /// policy decisions).
     Denied {
         reason: String,
         rule: Option<String>,
+        code: &'static str,
     },
     /// Over a limit; `retry_after` in seconds.
     Limited {
@@ -27,6 +29,14 @@ pub enum Refusal {
     UpstreamUnreachable(String),
     /// The destination did not answer in time.
     UpstreamTimeout(String),
+    /// The request head is larger than `limits.max_header_bytes`, or has too many fields.
+    HeaderTooLarge(String),
+    /// The request target is longer than the parser accepts.
+    UriTooLong(String),
+    /// The request head did not arrive within `timeouts.request_header`.
+    HeaderTimeout(String),
+    /// A body the pathway must read came in a content coding the gateway cannot decode.
+    UnsupportedMediaType(String),
 }
 
 impl Refusal {
@@ -38,6 +48,10 @@ impl Refusal {
             Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::HeaderTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Refusal::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Refusal::HeaderTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -49,6 +63,10 @@ impl Refusal {
             Refusal::TooLarge { .. } => "payload_too_large",
             Refusal::UpstreamUnreachable(_) => "upstream_unreachable",
             Refusal::UpstreamTimeout(_) => "upstream_timeout",
+            Refusal::HeaderTooLarge(_) => "request_header_fields_too_large",
+            Refusal::UriTooLong(_) => "uri_too_long",
+            Refusal::HeaderTimeout(_) => "request_timeout",
+            Refusal::UnsupportedMediaType(_) => "unsupported_media_type",
         }
     }
 
@@ -56,7 +74,11 @@ impl Refusal {
         match self {
             Refusal::BadRequest(r)
             | Refusal::UpstreamUnreachable(r)
-            | Refusal::UpstreamTimeout(r) => r,
+            | Refusal::UpstreamTimeout(r)
+            | Refusal::HeaderTooLarge(r)
+            | Refusal::UriTooLong(r)
+            | Refusal::HeaderTimeout(r)
+            | Refusal::UnsupportedMediaType(r) => r,
             Refusal::Denied { reason, .. }
             | Refusal::Limited { reason, .. }
             | Refusal::TooLarge { reason, .. } => reason,
@@ -73,6 +95,7 @@ impl Refusal {
     pub fn limit(&self) -> Option<&str> {
         match self {
             Refusal::Limited { limit, .. } | Refusal::TooLarge { limit, .. } => Some(limit),
+            Refusal::HeaderTooLarge(_) => Some("max_header_bytes"),
             _ => None,
         }
     }
@@ -85,16 +108,36 @@ impl Refusal {
                 | Refusal::Limited { .. }
                 | Refusal::TooLarge { .. }
                 | Refusal::BadRequest(_)
+                | Refusal::HeaderTooLarge(_)
+                | Refusal::UriTooLong(_)
+                | Refusal::HeaderTimeout(_)
+                | Refusal::UnsupportedMediaType(_)
         )
     }
 
-    /// The JSON body the agent sees: `{"error","reason","rule","trace_id"}`.
+    /// A stable snake_case code for why: the policy's reason code for denials, the
+    /// limit that fired for 429 and 413, else the same as the type.
+    pub fn code(&self) -> &str {
+        match self {
+            Refusal::Denied { code, .. } => code,
+            Refusal::Limited { limit, .. } | Refusal::TooLarge { limit, .. } => limit,
+            other => other.error_code(),
+        }
+    }
+
+    /// The JSON body the agent sees, shaped like the LLM providers' own errors so
+    /// their SDKs show `message`:
+    /// `{"error":{"type","code","message","rule","limit","trace_id"}}`.
     pub fn to_response(&self, trace_id: &str) -> Response<ProxyBody> {
         let body = serde_json::json!({
-            "error": self.error_code(),
-            "reason": self.reason(),
-            "rule": self.rule(),
-            "trace_id": trace_id,
+            "error": {
+                "type": self.error_code(),
+                "code": self.code(),
+                "message": self.reason(),
+                "rule": self.rule(),
+                "limit": self.limit(),
+                "trace_id": trace_id,
+            }
         });
         let mut builder = Response::builder()
             .status(self.status())

@@ -63,6 +63,20 @@ impl Proxy {
         if !decision.permits() {
             return refuse(ex, denial(&decision));
         }
+        // An L7 pathway's destination: the requests inside must be seen to be decided.
+        if decision.pathway.as_ref().is_some_and(|p| p.is_l7()) {
+            return match self.interception.clone() {
+                Some(ca) => self.intercept(req, peer, target, ex, ca),
+                None => refuse(
+                    ex,
+                    Refusal::Denied {
+                        reason: "destination needs L7 inspection: configure interception or use http://host:port".into(),
+                        rule: None,
+                        code: "interception_not_configured",
+                    },
+                ),
+            };
+        }
 
         // Limits hold for tunnels too: rate, concurrency (for the tunnel's life) and
         // the byte budget, which closes the tunnel once spent.
@@ -83,7 +97,7 @@ impl Proxy {
             peer,
             &target,
             super::header_pairs(req.headers()),
-            addr.ip(),
+            Some(addr.ip()),
         );
         let hold = req.extensions().get::<ConnectionHold>().cloned();
         let sni_check = (target.port == 443
@@ -97,6 +111,7 @@ impl Proxy {
         self.tunnels.spawn(async move {
             active.inc();
             let counts = ByteCounts::new();
+            let mut sni_refused = None;
             let error = match hyper::upgrade::on(req).await {
                 Ok(upgraded) => {
                     let mut agent = TokioIo::new(upgraded);
@@ -107,7 +122,8 @@ impl Proxy {
                         }
                         Err(why) => {
                             tracing::warn!(source = %ex_peer, destination = %ex_target, reason = %why, "tunnel closed: SNI check failed");
-                            Some(format!("closed: {why}"))
+                            sni_refused = Some(why);
+                            None
                         }
                     }
                 }
@@ -117,7 +133,11 @@ impl Proxy {
             if let Some(a) = admission {
                 a.finish_tunnel(counts.sent() + counts.received());
             }
-            ex.finish(200, &counts, error);
+            match sni_refused {
+                // Opened, then refused: a denial with its reason, not an allowed tunnel.
+                Some(why) => ex.deny_after_open(200, &counts, why),
+                None => ex.finish(200, &counts, error),
+            }
             active.dec();
         });
 

@@ -76,7 +76,7 @@ pub async fn start(config: SidecarConfig) -> Result<RunningSidecar, SidecarError
     tokio::spawn(crate::admin::serve(
         admin,
         health.clone(),
-        None,
+        crate::admin::AdminExtras::default(),
         stop_admin.clone(),
     ));
     tracing::info!(%admin_addr, "sidecar admin listener up (/healthz, /readyz)");

@@ -178,7 +178,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-/// The sidecar's own failures, in the gateway's JSON shape so agents parse one format.
+/// The sidecar's own failures, in the gateway's JSON shape so agents (and their SDKs)
+/// parse one format.
 fn gateway_failure(e: &GatewayError) -> Response<Body> {
     if e.is_timeout() {
         refusal(
@@ -196,7 +197,15 @@ fn gateway_failure(e: &GatewayError) -> Response<Body> {
 }
 
 fn refusal(status: StatusCode, error: &str, reason: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": error, "reason": reason, "source": "sidecar" });
+    let body = serde_json::json!({ "error": {
+        "type": error,
+        "code": error,
+        "message": reason,
+        "rule": null,
+        "limit": null,
+        "trace_id": null,
+        "source": "sidecar",
+    }});
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{body}\n")))
             .map_err(|never| match never {})

@@ -21,7 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 use super::config::split_host_port;
-use crate::identity::{client_config_for_peer, IdentitySource, TlsError};
+use crate::identity::{client_config_for_peer, describe_tls_failure, IdentitySource, TlsError};
 
 /// Why the sidecar could not get a request to the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -215,7 +215,7 @@ impl GatewayClient {
             .await
             .map_err(|e| GatewayError::Handshake {
                 gateway: self.gateway.clone(),
-                reason: e.to_string(),
+                reason: describe_tls_failure(&e, "the gateway"),
             })
     }
 }

@@ -11,7 +11,9 @@ pub mod trace_context;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{
+    Span as _, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 
@@ -44,7 +46,9 @@ impl Telemetry {
 
     /// No export: for tests and tools that only need IDs and metrics.
     pub fn disabled() -> Self {
-        let provider = SdkTracerProvider::builder().build();
+        let provider = SdkTracerProvider::builder()
+            .with_id_generator(PresetIds)
+            .build();
         Self::from_provider(provider, Arc::new(Metrics::new()), false)
     }
 
@@ -64,19 +68,27 @@ impl Telemetry {
     }
 
     /// Starts the span of one request; `parent` is the agent's trace context, if any.
+    /// Its IDs exist at once (for the audit line and `traceparent`); the span itself
+    /// is built when the request ends, from the attributes it ended with, and not at
+    /// all when the request is [`RequestSpan::discard`]ed.
     pub fn start_span(&self, method: &str, parent: Option<TraceContext>) -> RequestSpan {
-        let parent_cx = match parent {
-            Some(p) => Context::new().with_remote_span_context(p.to_span_context()),
-            None => Context::new(),
+        let ctx = TraceContext {
+            trace_id: match parent {
+                Some(p) => p.trace_id,
+                None => nonzero_id(),
+            },
+            span_id: nonzero_id(),
+            // Parent-based sampling, as the SDK's default sampler decides it.
+            sampled: parent.is_none_or(|p| p.sampled),
         };
-        let span = self
-            .tracer
-            .span_builder(method.to_string())
-            .with_kind(SpanKind::Server)
-            .with_start_time(SystemTime::now())
-            .start_with_context(&self.tracer, &parent_cx);
-        let ctx = TraceContext::from_span_context(span.span_context());
-        RequestSpan { span, ctx }
+        RequestSpan {
+            tracer: self.tracer.clone(),
+            name: method.to_string(),
+            parent,
+            start: SystemTime::now(),
+            attributes: Vec::new(),
+            ctx,
+        }
     }
 
     /// Exports what is queued (bounded); call once at shutdown.
@@ -97,36 +109,105 @@ impl Telemetry {
     }
 }
 
-/// The span of one request or tunnel.
+/// The span of one request or tunnel, until it ends.
 pub struct RequestSpan {
-    span: Span,
+    tracer: SdkTracer,
+    name: String,
+    parent: Option<TraceContext>,
+    start: SystemTime,
+    attributes: Vec<KeyValue>,
     pub ctx: TraceContext,
 }
 
 impl RequestSpan {
     pub fn set(&mut self, attrs: impl IntoIterator<Item = KeyValue>) {
-        self.span.set_attributes(attrs);
+        self.attributes.extend(attrs);
     }
 
-    pub fn end(mut self, status: u16, error: Option<&str>) {
+    pub fn end(self, status: u16, error: Option<&str>) {
+        let parent_cx = match self.parent {
+            Some(p) => Context::new().with_remote_span_context(p.to_span_context()),
+            None => Context::new(),
+        };
+        PRESET.set(Some((self.ctx.trace_id, self.ctx.span_id)));
+        let mut span: Span = self
+            .tracer
+            .span_builder(self.name)
+            .with_kind(SpanKind::Server)
+            .with_start_time(self.start)
+            .with_attributes(self.attributes)
+            .start_with_context(&self.tracer, &parent_cx);
+        PRESET.set(None);
         if status >= 500 {
-            self.span.set_status(Status::error(
+            span.set_status(Status::error(
                 error
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("HTTP {status}")),
             ));
         }
-        self.span.end_with_timestamp(SystemTime::now());
+        span.end_with_timestamp(SystemTime::now());
+    }
+
+    /// Ends without a span (an intercepted tunnel: its requests have their own).
+    pub fn discard(self) {}
+}
+
+thread_local! {
+    /// The IDs the next span built on this thread takes (see [`PresetIds`]).
+    static PRESET: std::cell::Cell<Option<([u8; 16], [u8; 8])>> = const { std::cell::Cell::new(None) };
+}
+
+/// Gives the span being built the IDs its request has carried since it began (in the
+/// audit line, in `traceparent` upstream); the SDK's builder ignores preset IDs.
+#[derive(Debug)]
+struct PresetIds;
+
+impl opentelemetry_sdk::trace::IdGenerator for PresetIds {
+    fn new_trace_id(&self) -> TraceId {
+        match PRESET.get() {
+            Some((t, _)) => TraceId::from_bytes(t),
+            None => TraceId::from_bytes(nonzero_id()),
+        }
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        match PRESET.get() {
+            Some((_, s)) => SpanId::from_bytes(s),
+            None => SpanId::from_bytes(nonzero_id()),
+        }
+    }
+}
+
+/// A random trace or span ID (never all zeroes, which W3C trace context forbids).
+fn nonzero_id<const N: usize>() -> [u8; N] {
+    loop {
+        let id: [u8; N] = rand::random();
+        if id.iter().any(|b| *b != 0) {
+            return id;
+        }
     }
 }
 
 /// Diagnostic logs go to stderr (stdout is the default audit sink), filtered by
-/// `RUST_LOG` (default `info`).
+/// `RUST_LOG` (default `info`): readable text on a terminal, one JSON object per line
+/// otherwise (a container log, a file, a pipe), which log collectors parse as is and
+/// which never holds ANSI colour codes.
 pub fn init_logging() {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if std::io::stderr().is_terminal() {
+        builder.try_init()
+    } else {
+        builder
+            .json()
+            .with_ansi(false)
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init()
+    };
 }

@@ -4,44 +4,37 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::files::{self, FileError, FileKind};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("secret file {}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Missing, not a regular file, over the size cap, or a read that timed out.
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("secret file {} is empty", path.display())]
     Empty { path: PathBuf },
     #[error("secret file {} holds bytes not allowed in an HTTP header value", path.display())]
     NotHeaderSafe { path: PathBuf },
 }
 
-/// What identifies one version of a file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-    inode: u64,
-}
+use crate::files::FileStamp as Stamp;
 
-fn stamp(path: &Path) -> std::io::Result<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    // `metadata` follows symlinks: Kubernetes swaps the `..data` link on update,
-    // which changes the inode we see.
-    let m = std::fs::metadata(path)?;
-    Ok(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-        inode: m.ino(),
-    })
+/// `stat` off the runtime (it never blocks on a FIFO, but a hung mount can stall it).
+async fn stamp(path: &Path) -> Result<Stamp, SecretError> {
+    let m = files::metadata(path, files::READ_TIMEOUT)
+        .await
+        .map_err(|source| FileError::Io {
+            kind: FileKind::Secret,
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(Stamp::of(&m))
 }
 
 struct Loaded {
@@ -63,13 +56,13 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
-fn read_secret(path: &Path) -> Result<(Stamp, SecretString), SecretError> {
-    let read = |source| SecretError::Read {
+/// The credential in a secret file's bytes: one line, trailing newline dropped, and
+/// nothing an HTTP header value may not hold. Errors name the file, never the value.
+pub fn parse_secret(path: &Path, bytes: Vec<u8>) -> Result<SecretString, SecretError> {
+    let not_header_safe = || SecretError::NotHeaderSafe {
         path: path.to_owned(),
-        source,
     };
-    let st = stamp(path).map_err(read)?;
-    let text = std::fs::read_to_string(path).map_err(read)?;
+    let text = String::from_utf8(bytes).map_err(|_| not_header_safe())?;
     // Secret files usually end with a newline that is not part of the key.
     let value = text.trim_end_matches(['\r', '\n']);
     if value.is_empty() {
@@ -78,17 +71,22 @@ fn read_secret(path: &Path) -> Result<(Stamp, SecretString), SecretError> {
         });
     }
     if HeaderValue::from_str(value).is_err() {
-        return Err(SecretError::NotHeaderSafe {
-            path: path.to_owned(),
-        });
+        return Err(not_header_safe());
     }
-    Ok((st, SecretString::from(value.to_string())))
+    Ok(SecretString::from(value.to_string()))
+}
+
+/// Reads a secret file off the runtime, bounded in size and time (see [`crate::files`]).
+async fn read_secret(path: &Path) -> Result<(Stamp, SecretString), SecretError> {
+    let st = stamp(path).await?;
+    let bytes = files::read_file(path, FileKind::Secret, files::READ_TIMEOUT).await?;
+    Ok((st, parse_secret(path, bytes)?))
 }
 
 impl Secrets {
     /// Reads (or re-reads, if it changed) `path`; an error names the file.
-    pub fn load(&self, path: &Path) -> Result<(), SecretError> {
-        let (stamp, value) = read_secret(path)?;
+    pub async fn load(&self, path: &Path) -> Result<(), SecretError> {
+        let (stamp, value) = read_secret(path).await?;
         let loaded = Arc::new(Loaded { stamp, value });
         match self.files.get(path) {
             Some(slot) => slot.store(loaded),
@@ -104,24 +102,30 @@ impl Secrets {
     /// output skip it). A file that changed since the last read is read again; if the
     /// new version cannot be read (a Secret update in progress), the last good value
     /// is used and the problem logged without the value.
-    pub fn header_value(&self, path: &Path, prefix: &str) -> Result<HeaderValue, SecretError> {
-        let slot = match self.files.get(path) {
-            Some(s) => s.clone(),
+    pub async fn header_value(
+        &self,
+        path: &Path,
+        prefix: &str,
+    ) -> Result<HeaderValue, SecretError> {
+        let slot = self.files.get(path).map(|s| s.clone());
+        let slot = match slot {
+            Some(s) => s,
             None => {
                 // Not seen at load (e.g. a policy reloaded by another path): read it now.
-                self.load(path)?;
+                self.load(path).await?;
                 self.files
                     .get(path)
                     .map(|s| s.clone())
-                    .ok_or_else(|| SecretError::Read {
+                    .ok_or_else(|| FileError::Io {
+                        kind: FileKind::Secret,
                         path: path.to_owned(),
                         source: std::io::Error::other("secret not loaded"),
                     })?
             }
         };
         let current = slot.load_full();
-        let current = match stamp(path) {
-            Ok(now) if now != current.stamp => match read_secret(path) {
+        let current = match stamp(path).await {
+            Ok(now) if now != current.stamp => match read_secret(path).await {
                 Ok((stamp, value)) => {
                     tracing::info!(file = %path.display(), "secret file changed; using the new value");
                     let fresh = Arc::new(Loaded { stamp, value });
@@ -154,40 +158,67 @@ impl Secrets {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_trims_and_follows_changes() {
+    #[tokio::test]
+    async fn reads_trims_and_follows_changes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         std::fs::write(&path, "sk-one\n").unwrap();
         let s = Secrets::default();
-        s.load(&path).unwrap();
-        let v = s.header_value(&path, "Bearer ").unwrap();
+        s.load(&path).await.unwrap();
+        let v = s.header_value(&path, "Bearer ").await.unwrap();
         assert_eq!(v.to_str().unwrap(), "Bearer sk-one");
         assert!(v.is_sensitive());
         // A different length guarantees a different stamp even within one mtime tick.
         std::fs::write(&path, "sk-second\n").unwrap();
-        let v = s.header_value(&path, "Bearer ").unwrap();
+        let v = s.header_value(&path, "Bearer ").await.unwrap();
         assert_eq!(v.to_str().unwrap(), "Bearer sk-second");
         // A vanished file keeps the last good value rather than dropping the credential.
         std::fs::remove_file(&path).unwrap();
-        let v = s.header_value(&path, "").unwrap();
+        let v = s.header_value(&path, "").await.unwrap();
         assert_eq!(v.to_str().unwrap(), "sk-second");
     }
 
-    #[test]
-    fn errors_name_the_file_and_never_the_value() {
+    #[tokio::test]
+    async fn errors_name_the_file_and_never_the_value() {
         let dir = tempfile::tempdir().unwrap();
         let s = Secrets::default();
         let missing = dir.path().join("missing");
-        let e = s.load(&missing).unwrap_err().to_string();
+        let e = s.load(&missing).await.unwrap_err().to_string();
         assert!(e.contains("missing"), "{e}");
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
-        assert!(s.load(&empty).unwrap_err().to_string().contains("empty"));
+        assert!(s
+            .load(&empty)
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
         let bad = dir.path().join("bad");
         std::fs::write(&bad, "sk-\u{7}secret").unwrap();
-        let e = s.load(&bad).unwrap_err().to_string();
+        let e = s.load(&bad).await.unwrap_err().to_string();
         assert!(!e.contains("sk-"), "{e}");
         assert!(!format!("{s:?}").contains("sk-"));
+    }
+
+    #[tokio::test]
+    async fn a_secret_replaced_by_a_fifo_keeps_the_last_value_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sk-one\n").unwrap();
+        let s = Secrets::default();
+        s.load(&path).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let v = tokio::time::timeout(std::time::Duration::from_secs(5), s.header_value(&path, ""))
+            .await
+            .expect("no hang on a FIFO")
+            .unwrap();
+        assert_eq!(v.to_str().unwrap(), "sk-one");
+        let e = s.load(&path).await.unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
     }
 }

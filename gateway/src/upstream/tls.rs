@@ -12,15 +12,14 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 
+use crate::files::{self, FileError, FileKind};
 use crate::identity::{client_config_for_peer, crypto_provider, IdentitySource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginationError {
-    #[error("ca_file {}: cannot read: {source}", path.display())]
-    CaRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// Missing, not a regular file, over the size cap, or a read that timed out.
+    #[error(transparent)]
+    CaFile(#[from] FileError),
     #[error("ca_file {}: no usable PEM certificates", path.display())]
     CaEmpty { path: PathBuf },
     #[error("cannot build the upstream TLS configuration: {0}")]
@@ -39,14 +38,16 @@ pub enum ProfileKey {
     Spiffe(String),
 }
 
-/// Reads and parses a PEM CA file.
-pub fn read_ca_file(path: &Path) -> Result<RootCertStore, OriginationError> {
-    let pem = std::fs::read(path).map_err(|source| OriginationError::CaRead {
-        path: path.to_owned(),
-        source,
-    })?;
+/// Reads (off the runtime, bounded; see [`crate::files`]) and parses a PEM CA file.
+pub async fn read_ca_file(path: &Path) -> Result<RootCertStore, OriginationError> {
+    let pem = files::read_file(path, FileKind::CaBundle, files::READ_TIMEOUT).await?;
+    parse_ca_pem(path, &pem)
+}
+
+/// The trust anchors in a CA file's bytes; none is an error naming the file.
+pub fn parse_ca_pem(path: &Path, pem: &[u8]) -> Result<RootCertStore, OriginationError> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+    for cert in CertificateDer::pem_slice_iter(pem).flatten() {
         let _ = roots.add(cert);
     }
     if roots.is_empty() {
@@ -64,6 +65,15 @@ pub struct UpstreamTls {
 }
 
 impl UpstreamTls {
+    /// `x-forwarded-client-cert: By=<gateway id>;URI=<agent id>` (Envoy's format) for an
+    /// east-west request, so the workload can authorize the calling agent while trusting
+    /// only the gateway's SVID; `None` while the gateway has no SVID.
+    pub fn forwarded_client_cert(&self, agent: &SpiffeId) -> Option<http::HeaderValue> {
+        let gateway = self.identity.as_ref()?.current()?;
+        // SPIFFE IDs hold no `;`, `,` or `"`, so neither needs quoting.
+        http::HeaderValue::from_str(&format!("By={};URI={agent}", gateway.spiffe_id)).ok()
+    }
+
     pub fn new(identity: Option<IdentitySource>) -> Self {
         UpstreamTls {
             identity,
@@ -72,17 +82,20 @@ impl UpstreamTls {
     }
 
     /// The profile for a pathway's `upstream`, or `None` for plain HTTP.
-    pub fn profile(
+    pub async fn profile(
         &self,
         up: &Upstream,
     ) -> Result<Option<(ProfileKey, Arc<ClientConfig>)>, OriginationError> {
         let key = if let Some(id) = &up.spiffe_id {
             ProfileKey::Spiffe(id.to_string())
         } else if let Some(ca) = &up.ca_file {
-            let meta = std::fs::metadata(ca).map_err(|source| OriginationError::CaRead {
-                path: ca.clone(),
-                source,
-            })?;
+            let meta = files::metadata(ca, files::READ_TIMEOUT)
+                .await
+                .map_err(|source| FileError::Io {
+                    kind: FileKind::CaBundle,
+                    path: ca.clone(),
+                    source,
+                })?;
             ProfileKey::CaFile(ca.clone(), meta.modified().ok(), meta.len())
         } else if up.tls {
             ProfileKey::PublicRoots
@@ -94,7 +107,7 @@ impl UpstreamTls {
         }
         let config = match (&key, &up.spiffe_id) {
             (ProfileKey::Spiffe(_), Some(id)) => self.spiffe_config(id)?,
-            (ProfileKey::CaFile(path, ..), _) => roots_config(read_ca_file(path)?)?,
+            (ProfileKey::CaFile(path, ..), _) => roots_config(read_ca_file(path).await?)?,
             _ => roots_config(RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             })?,

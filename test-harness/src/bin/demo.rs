@@ -128,9 +128,19 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("\n-- policy.yaml\n{policy}");
 
+    // TLS interception for the L7 pathway: agents keep their https:// URLs.
+    let interception = TestCa::new("interception.demo");
+    let interception_dir = tempfile::tempdir()?;
+    let (ca_cert, ca_key) =
+        interception.write_signing_files(interception_dir.path(), "interception-ca")?;
     // Real SPIRE serves this process every entry's SVID: name the gateway's.
     let gw_opts = GatewayOptions {
         identity_spiffe_id: real_spire.then(|| GATEWAY_ID.to_string()),
+        extra_config: format!(
+            "interception:\n  ca_cert: {}\n  ca_key: {}\n",
+            ca_cert.display(),
+            ca_key.display()
+        ),
         ..Default::default()
     };
     let gw = TestGateway::start_with(&policy, &provider.endpoint(), gw_opts).await?;
@@ -218,7 +228,33 @@ async fn main() -> anyhow::Result<()> {
     println!("   {} {}", t.status, String::from_utf8_lossy(&t.body));
     pause().await;
 
-    step("research-agent: chat completions through pathway llm-api (the gateway injects the API key and counts tokens: 100 per hour, 40 per answer)");
+    step("research-agent: CONNECT to the LLM API and speak https inside (pathway llm-api is L7: the gateway intercepts, decides and injects the key for each request)");
+    let llm_authority = format!("localhost:{}", llm.tls.upstream.addr.port());
+    let t = research.connect_tunnel(&llm_authority, &[]).await?;
+    println!("   gateway answered {}", t.status);
+    if let Some(stream) = t.stream {
+        let mut tls = research
+            .tls_through_tunnel(stream, "localhost", &[interception.root_cert()])
+            .await?;
+        let chat = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {llm_authority}\r\nContent-Type: application/json\r\nAuthorization: Bearer agent-has-no-real-key\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            chat.len()
+        );
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(chat).await?;
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out);
+        println!(
+            "   inside the tunnel: {} (the leaf the agent verified was signed by the interception CA)",
+            text.lines().next().unwrap_or_default()
+        );
+    }
+    wait_for_tokens(&gw, 40).await;
+    pause().await;
+
+    step("research-agent: chat completions through pathway llm-api in absolute form, with the OpenAI SDK's `Accept-Encoding: gzip, deflate` (the same budget: 100 tokens per hour, 40 per answer, charged from the compressed answers' usage)");
     let llm_url = format!(
         "http://localhost:{}/v1/chat/completions",
         llm.tls.upstream.addr.port()
@@ -232,6 +268,7 @@ async fn main() -> anyhow::Result<()> {
                 &[
                     ("content-type", "application/json"),
                     ("authorization", "Bearer agent-has-no-real-key"),
+                    ("accept-encoding", "gzip, deflate"),
                 ],
                 chat.to_vec(),
             )
@@ -240,24 +277,13 @@ async fn main() -> anyhow::Result<()> {
             .header("retry-after")
             .map(|s| format!(" (Retry-After: {s} s)"))
             .unwrap_or_default();
-        println!(
-            "   request {i}: {}{retry} {}",
-            r.status,
-            String::from_utf8_lossy(&r.body)
-        );
+        let body = match r.header("content-encoding") {
+            Some(coding) => format!("({coding}, {} bytes, passed on as sent)", r.body.len()),
+            None => String::from_utf8_lossy(&r.body).to_string(),
+        };
+        println!("   request {i}: {}{retry} {body}", r.status);
         if r.status == 200 {
-            // Tokens are charged as the answer ends; wait for it before the next one.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-            while tokio::time::Instant::now() < deadline
-                && !gw
-                    .gateway()
-                    .limits()
-                    .snapshot()
-                    .iter()
-                    .any(|u| u.kind == "llm_tokens_per_hour" && u.used >= 40 * i)
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            wait_for_tokens(&gw, 40 * (i + 1)).await;
         }
     }
     let seen = llm.tls.upstream.requests();
@@ -299,8 +325,14 @@ async fn main() -> anyhow::Result<()> {
             .map(|c| pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())))
             .collect();
         std::fs::write(dir.join("ca.pem"), bundle)?;
+        std::fs::write(dir.join("interception-ca.pem"), interception.root_pem())?;
         println!(
             "  curl --proxy https://127.0.0.1:{port} --proxy-cert {d}/agent.crt --proxy-key {d}/agent.key --proxy-cacert {d}/ca.pem {url}",
+            port = gw.proxy_addr().port(),
+            d = dir.display(),
+        );
+        println!(
+            "  curl --proxy https://127.0.0.1:{port} --proxy-cert {d}/agent.crt --proxy-key {d}/agent.key --proxy-cacert {d}/ca.pem --cacert {d}/interception-ca.pem -H 'content-type: application/json' -d '{{\"model\":\"gpt-4o-mini\",\"messages\":[]}}' https://{llm_authority}/v1/chat/completions",
             port = gw.proxy_addr().port(),
             d = dir.display(),
         );
@@ -327,6 +359,22 @@ impl Provider {
             Provider::Fake(api) => api.endpoint(),
             Provider::Spire(spire) => spire.endpoint(),
         }
+    }
+}
+
+/// Tokens are charged as an answer ends: waits (bounded) until `used` are counted, so
+/// the next request sees them.
+async fn wait_for_tokens(gw: &TestGateway, used: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline
+        && !gw
+            .gateway()
+            .limits()
+            .snapshot()
+            .iter()
+            .any(|u| u.kind == "llm_tokens_per_hour" && u.used >= used)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

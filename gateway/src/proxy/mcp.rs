@@ -1,0 +1,1102 @@
+//! MCP pathways (Model Context Protocol over Streamable HTTP): the request phase reads
+//! the JSON-RPC message or batch a `POST` carries and decides every message on its own
+//! ([`egress_policy::Policy::evaluate_mcp`]); what the policy refuses never reaches the
+//! server, and a refused request is answered by the gateway with a JSON-RPC error that
+//! carries its `id`. The response phase filters the answers to `tools/list`,
+//! `resources/list`, `resources/templates/list` and `prompts/list` (JSON or SSE) down to
+//! what the pathway lists, and merges the gateway's answers into the server's.
+//!
+//! Requests that carry no message (the `GET` of the server's event stream, the `DELETE`
+//! that ends a session) are decided as a whole and pass through, their streams filtered
+//! the same way. Anything on an MCP pathway that is not valid JSON-RPC is refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use egress_policy::mcp::McpCall;
+use egress_policy::{Decision, Mode, Pathway, RequestKind};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::encoding::{self, Coding};
+use super::exchange::{ByteCounts, Exchange, McpFields};
+use super::forward::ReqBody;
+use super::refusal::{full, Refusal};
+use super::target::Target;
+use super::{header_pairs, refuse, PeerIdentity, Proxy, ProxyBody};
+
+/// JSON-RPC error code of a message the policy refused (implementation-defined range).
+pub const POLICY_DENIED: i64 = -32001;
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const INTERNAL_ERROR: i64 = -32603;
+
+/// A JSON response larger than this is not filtered: it is refused (fail closed).
+const MAX_JSON_RESPONSE: usize = 16 * 1024 * 1024;
+/// An SSE event larger than this ends the stream with an error (fail closed).
+const MAX_SSE_EVENT: usize = 16 * 1024 * 1024;
+
+/// What the request phase decided about an L7 request.
+pub(super) struct Decided {
+    pub ex: Exchange,
+    /// The decision whose pathway's settings apply to what is forwarded.
+    pub decision: Decision,
+    pub body: ReqBody,
+    /// How to rewrite the server's response, when it needs rewriting.
+    pub plan: Option<ResponsePlan>,
+}
+
+/// What a list method's answer lists, and the field that names each item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListKind {
+    Tools,
+    Resources,
+    ResourceTemplates,
+    Prompts,
+}
+
+impl ListKind {
+    fn of_method(method: &str) -> Option<ListKind> {
+        match method {
+            "tools/list" => Some(ListKind::Tools),
+            "resources/list" => Some(ListKind::Resources),
+            "resources/templates/list" => Some(ListKind::ResourceTemplates),
+            "prompts/list" => Some(ListKind::Prompts),
+            _ => None,
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            ListKind::Tools => "tools",
+            ListKind::Resources => "resources",
+            ListKind::ResourceTemplates => "resourceTemplates",
+            ListKind::Prompts => "prompts",
+        }
+    }
+
+    const ALL: [ListKind; 4] = [
+        ListKind::Tools,
+        ListKind::Resources,
+        ListKind::ResourceTemplates,
+        ListKind::Prompts,
+    ];
+}
+
+/// One JSON-RPC message of a request body.
+struct Message {
+    value: Value,
+    /// The message as the policy sees it; `None`: not a valid JSON-RPC 2.0 message.
+    call: Option<McpCall>,
+    /// The `id` as JSON text; `None` for notifications.
+    id: Option<String>,
+    /// A request (has `method` and `id`): it expects an answer.
+    is_request: bool,
+}
+
+impl Message {
+    fn read(value: Value) -> Message {
+        let obj = value.as_object();
+        let version_ok = obj.and_then(|o| o.get("jsonrpc")) == Some(&Value::from("2.0"));
+        // MCP ids are strings or numbers, never null.
+        let id = obj.and_then(|o| o.get("id")).map(|id| match id {
+            Value::String(_) | Value::Number(_) => Ok(id.to_string()),
+            _ => Err(()),
+        });
+        let method = obj.and_then(|o| o.get("method"));
+        let answers = obj.is_some_and(|o| o.contains_key("result") || o.contains_key("error"));
+        let valid = version_ok
+            && !matches!(id, Some(Err(())))
+            && match method {
+                Some(m) => m.is_string() && !answers,
+                None => matches!(id, Some(Ok(_))) && answers,
+            };
+        let id = id.and_then(Result::ok);
+        Message {
+            call: valid.then(|| McpCall::from_message(&value)),
+            is_request: valid && method.is_some() && id.is_some(),
+            id,
+            value,
+        }
+    }
+
+    /// Audit fields; `aimed` is the MCP pathway the request is aimed at, whose lists
+    /// label a denied tool (a denial carries no pathway).
+    fn fields(&self, decision: &Decision, aimed: Option<&Pathway>) -> McpFields {
+        let call = self.call.as_ref();
+        let tool = call.and_then(McpCall::tool);
+        let rules = decision
+            .pathway
+            .as_deref()
+            .or(aimed)
+            .and_then(|p| p.mcp.as_ref());
+        McpFields {
+            method: call.map(|c| c.method.clone()).filter(|m| !m.is_empty()),
+            tool: tool.map(str::to_owned),
+            request_id: self.id.clone(),
+            // Only names the policy wrote become label values.
+            tool_label: tool.map(|t| {
+                rules
+                    .and_then(|r| r.tool_entry(t))
+                    .unwrap_or("other")
+                    .to_owned()
+            }),
+        }
+    }
+}
+
+/// The JSON-RPC messages of a body: one, or a batch. `None`: not JSON-RPC at all.
+fn read_messages(body: &[u8]) -> Option<(Vec<Message>, bool)> {
+    match serde_json::from_slice::<Value>(body).ok()? {
+        Value::Array(items) if !items.is_empty() => {
+            Some((items.into_iter().map(Message::read).collect(), true))
+        }
+        v @ Value::Object(_) => Some((vec![Message::read(v)], false)),
+        _ => None,
+    }
+}
+
+/// A JSON-RPC error answer.
+fn rpc_error(id: Option<&str>, code: i64, message: String, data: Value) -> Value {
+    let id = id
+        .and_then(|i| serde_json::from_str::<Value>(i).ok())
+        .unwrap_or(Value::Null);
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message, "data": data}})
+}
+
+/// The answer to a message the policy refused: the reason, the rule, the trace.
+fn denial_error(id: Option<&str>, d: &Decision, trace_id: &str) -> Value {
+    rpc_error(
+        id,
+        POLICY_DENIED,
+        format!("egress denied: {}", d.reason),
+        json!({
+            "type": "egress_denied",
+            "code": d.reason.code(),
+            "rule": d.rule,
+            "trace_id": trace_id,
+        }),
+    )
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let bytes = Bytes::from(body.to_string());
+    let mut r = Response::new(full(bytes));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Answers the request without the server and writes its audit line(s).
+fn answer(ex: Exchange, status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let response = json_response(status, body);
+    ex.finish(status.as_u16(), &ByteCounts::new(), None);
+    response
+}
+
+fn is_empty_body(body: &ReqBody) -> bool {
+    match body {
+        ReqBody::Buffered(b) => b.is_empty(),
+        _ => false,
+    }
+}
+
+impl Proxy {
+    /// The body bound for MCP messages, when some pathway's `mcp` may decide.
+    fn mcp_body_limit(&self, peer: &PeerIdentity, method: &str, target: &Target) -> Option<u64> {
+        let host = target.host.as_policy_str();
+        self.policy
+            .current()
+            .mcp_body_limit(&egress_policy::Request {
+                source: &peer.spiffe_id,
+                source_address: Some(peer.address),
+                kind: RequestKind::Http,
+                method,
+                host: &host,
+                port: target.port,
+                path: "",
+                query: "",
+                headers: egress_policy::HeaderView::empty(),
+                llm_model: None,
+                now: std::time::SystemTime::now(),
+            })
+    }
+
+    /// Decides an L7 request: as a whole, or, where a pathway has `mcp`, message by
+    /// message. `Err` is the gateway's own answer (everything refused), already audited.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn decide_l7(
+        &self,
+        mut ex: Exchange,
+        peer: &PeerIdentity,
+        method: &str,
+        target: &Target,
+        path: &str,
+        query: &str,
+        headers: &mut HeaderMap,
+        mut body: ReqBody,
+        llm_model: Option<&str>,
+    ) -> Result<Decided, Response<ProxyBody>> {
+        let whole = |ex: Exchange, body: ReqBody, headers: &HeaderMap| Decided {
+            decision: self.decide(
+                peer,
+                RequestKind::Http,
+                method,
+                target,
+                path,
+                query,
+                headers,
+                llm_model,
+            ),
+            ex,
+            body,
+            plan: None,
+        };
+        let Some(limit) = self.mcp_body_limit(peer, method, target) else {
+            return Ok(whole(ex, body, headers));
+        };
+        body = match body.buffer(headers, limit).await {
+            Ok(b) => b,
+            Err(refusal) => return Err(refuse(ex, refusal)),
+        };
+        if !method.eq_ignore_ascii_case("POST") {
+            let mut d = whole(ex, body, headers);
+            let Some(rules) = d.decision.pathway.clone().filter(|p| p.mcp.is_some()) else {
+                return Ok(d);
+            };
+            // Only a POST carries messages; anything else with a body would be one
+            // the gateway does not check.
+            if !is_empty_body(&d.body) {
+                d.ex.set_decision(&d.decision);
+                return Err(refuse(
+                    d.ex,
+                    Refusal::BadRequest(format!(
+                        "a {method} on an MCP pathway carries no body (JSON-RPC messages are POSTed)"
+                    )),
+                ));
+            }
+            // The server's event stream: its list answers are filtered like any other.
+            if d.decision.allowed && self.policy.current().mode() == Mode::Enforce {
+                headers.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+                let mut plan = ResponsePlan::new(rules, false, d.ex.trace_id());
+                plan.any_list = true;
+                d.plan = Some(plan);
+            }
+            return Ok(d);
+        }
+
+        let ReqBody::Buffered(raw) = &body else {
+            return Err(refuse(
+                ex,
+                Refusal::BadRequest("cannot read the request body".into()),
+            ));
+        };
+        let text = match super::llm::decoded_request_body(headers, raw, limit) {
+            Ok(t) => t,
+            Err(refusal) => return Err(refuse(ex, refusal)),
+        };
+        let parsed = read_messages(&text);
+        let decoded = !matches!(text, std::borrow::Cow::Borrowed(_));
+
+        let policy = self.policy.current();
+        let view = header_pairs(headers);
+        let host = target.host.as_policy_str();
+        let request = egress_policy::Request {
+            source: &peer.spiffe_id,
+            source_address: Some(peer.address),
+            kind: RequestKind::Http,
+            method,
+            host: &host,
+            port: target.port,
+            path,
+            query,
+            headers: &view,
+            llm_model,
+            now: std::time::SystemTime::now(),
+        };
+        let trace_id = ex.trace_id();
+        let aimed = policy.mcp_pathway(&request);
+
+        let Some((messages, batch)) = parsed else {
+            // Not JSON-RPC: only a pathway without `mcp` may take it.
+            let decision = policy.evaluate_mcp(&request, None);
+            if decision.permits() {
+                return Ok(Decided {
+                    ex,
+                    decision,
+                    body,
+                    plan: None,
+                });
+            }
+            ex.set_decision(&decision);
+            let code = if serde_json::from_slice::<Value>(&text).is_ok() {
+                INVALID_REQUEST
+            } else {
+                PARSE_ERROR
+            };
+            let err = denial_error(None, &decision, &trace_id);
+            let body = rpc_error(
+                None,
+                code,
+                format!("egress denied: {}", decision.reason),
+                err["error"]["data"].clone(),
+            );
+            return Err(answer(ex, StatusCode::BAD_REQUEST, &body));
+        };
+
+        let decisions: Vec<Decision> = messages
+            .iter()
+            .map(|m| {
+                let mut d = policy.evaluate_mcp(&request, m.call.as_ref());
+                // Audit mode lets a refused message through: it goes the way it was
+                // aimed, with that pathway's upstream settings (and its line names it).
+                if d.permits() && d.pathway.is_none() {
+                    d.pathway = aimed.clone();
+                }
+                d
+            })
+            .collect();
+        // Everything forwarded goes through one pathway: the first that takes a message.
+        let lead = decisions.iter().position(Decision::permits);
+        let same_pathway = |d: &Decision| match (lead, &d.pathway) {
+            (Some(i), Some(p)) => decisions[i]
+                .pathway
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(l, p)),
+            (Some(i), None) => decisions[i].pathway.is_none(),
+            (None, _) => false,
+        };
+        let forwarded: Vec<bool> = decisions
+            .iter()
+            .map(|d| d.permits() && same_pathway(d))
+            .collect();
+
+        // The audit: the lead message on the request's line, one more line per message.
+        let lead_ix = lead.unwrap_or(0);
+        ex.set_decision(&decisions[lead_ix]);
+        ex.set_mcp(messages[lead_ix].fields(&decisions[lead_ix], aimed.as_deref()));
+        for (i, (m, d)) in messages.iter().zip(&decisions).enumerate() {
+            if i != lead_ix {
+                ex.add_mcp_line(d, m.fields(d, aimed.as_deref()));
+            }
+        }
+
+        // The gateway's answers to what it refused.
+        let mut errors = Vec::new();
+        for ((m, d), fwd) in messages.iter().zip(&decisions).zip(&forwarded) {
+            if *fwd {
+                continue;
+            }
+            if m.call.is_none() {
+                errors.push(rpc_error(
+                    m.id.as_deref(),
+                    INVALID_REQUEST,
+                    "egress denied: not a JSON-RPC 2.0 message".into(),
+                    json!({"type": "egress_denied", "code": d.reason.code(), "trace_id": trace_id}),
+                ));
+            } else if m.is_request {
+                let mut e = denial_error(m.id.as_deref(), d, &trace_id);
+                if d.permits() {
+                    // Allowed, but by another pathway than the rest of the batch.
+                    e["error"]["message"] =
+                        "egress denied: a batch is forwarded through one pathway; send this message on its own".into();
+                }
+                errors.push(e);
+            }
+        }
+
+        let Some(lead) = lead else {
+            let d = &decisions[0];
+            return Err(match (batch, errors.len()) {
+                (_, 0) => answer(ex, StatusCode::FORBIDDEN, &denial_error(None, d, &trace_id)),
+                // One message that is not JSON-RPC: a bad request, as servers answer it.
+                (false, _) if messages[0].call.is_none() => {
+                    answer(ex, StatusCode::BAD_REQUEST, &errors[0])
+                }
+                (false, _) => answer(ex, StatusCode::OK, &errors[0]),
+                (true, _) => answer(ex, StatusCode::OK, &Value::Array(errors)),
+            });
+        };
+        let decision = decisions[lead].clone();
+
+        // Forward only what was allowed; a batch that shrinks to one message is sent
+        // as that message (servers on MCP 2025-06-18 no longer take batches).
+        let kept: Vec<&Message> = messages
+            .iter()
+            .zip(&forwarded)
+            .filter_map(|(m, f)| f.then_some(m))
+            .collect();
+        if kept.len() < messages.len() || decoded {
+            let out = if batch && kept.len() > 1 {
+                serde_json::to_vec(&kept.iter().map(|m| &m.value).collect::<Vec<_>>())
+            } else {
+                serde_json::to_vec(&kept[0].value)
+            };
+            let out = match out {
+                Ok(o) => Bytes::from(o),
+                Err(e) => {
+                    return Err(refuse(
+                        ex,
+                        Refusal::BadRequest(format!("cannot re-encode the batch: {e}")),
+                    ))
+                }
+            };
+            headers.remove(header::CONTENT_ENCODING);
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+            body = ReqBody::Buffered(out);
+        }
+
+        // The answers to filter: forwarded list requests, where the policy enforces.
+        let mut plan = decision
+            .pathway
+            .clone()
+            .filter(|p| p.mcp.is_some())
+            .map(|p| ResponsePlan::new(p, batch, trace_id.clone()));
+        if let Some(plan) = plan.as_mut() {
+            if decision.allowed && policy.mode() == Mode::Enforce {
+                for m in &kept {
+                    let kind = m.call.as_ref().and_then(|c| ListKind::of_method(&c.method));
+                    if let (Some(kind), Some(id), true) = (kind, &m.id, m.is_request) {
+                        plan.lists.insert(id.clone(), kind);
+                    }
+                }
+            }
+            plan.errors = errors;
+        }
+        let plan = plan.filter(|p| !p.lists.is_empty() || !p.errors.is_empty());
+        if plan.is_some() {
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+        }
+        Ok(Decided {
+            ex,
+            decision,
+            body,
+            plan,
+        })
+    }
+}
+
+/// How to rewrite the server's answer to a forwarded MCP request.
+pub(super) struct ResponsePlan {
+    pathway: Arc<Pathway>,
+    /// The gateway's answers to the messages it refused, merged into the server's.
+    errors: Vec<Value>,
+    /// Forwarded list requests: `id` (as JSON text) and what the answer lists.
+    lists: HashMap<String, ListKind>,
+    /// Filter every list-shaped answer whatever its `id` (the server's own stream).
+    any_list: bool,
+    /// The agent sent a batch: a JSON answer is an array.
+    batch: bool,
+    trace_id: String,
+}
+
+impl ResponsePlan {
+    fn new(pathway: Arc<Pathway>, batch: bool, trace_id: String) -> ResponsePlan {
+        ResponsePlan {
+            pathway,
+            errors: Vec::new(),
+            lists: HashMap::new(),
+            any_list: false,
+            batch,
+            trace_id,
+        }
+    }
+
+    fn filters(&self) -> bool {
+        self.any_list || !self.lists.is_empty()
+    }
+
+    /// The server's response as the agent sees it.
+    pub(super) fn respond(self, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        let accepted = parts.status == StatusCode::ACCEPTED;
+        if accepted && !self.errors.is_empty() {
+            // The server took the forwarded notifications; the refused requests still
+            // get their answers.
+            parts.status = StatusCode::OK;
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        } else if !parts.status.is_success() || accepted {
+            return Response::from_parts(parts, body);
+        }
+        let sse = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("text/event-stream"));
+        let coding = Coding::of(&parts.headers).ok();
+        if sse && coding != Some(Coding::Identity) {
+            // The gateway asked for identity; a compressed stream cannot be rewritten.
+            let e = self.cannot_filter("a compressed event stream");
+            return json_response(StatusCode::BAD_GATEWAY, &e);
+        }
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::CONTENT_ENCODING);
+        let body = if sse {
+            SseRewrite::new(body, self).boxed()
+        } else {
+            JsonRewrite {
+                inner: body,
+                buf: BytesMut::new(),
+                overflow: false,
+                coding,
+                plan: Some(self),
+            }
+            .boxed()
+        };
+        Response::from_parts(parts, body)
+    }
+
+    fn cannot_filter(&self, what: &str) -> Value {
+        rpc_error(
+            None,
+            INTERNAL_ERROR,
+            format!("egress gateway cannot filter {what} from the MCP server"),
+            json!({"type": "upstream_error", "trace_id": self.trace_id}),
+        )
+    }
+
+    /// What an answer lists, if it is one to filter.
+    fn kind_of(
+        &mut self,
+        id: Option<&RawValue>,
+        result: &BTreeMap<String, &RawValue>,
+    ) -> Option<ListKind> {
+        let id = id.and_then(|i| serde_json::from_str::<Value>(i.get()).ok());
+        if let Some(kind) = id.and_then(|i| self.lists.remove(&i.to_string())) {
+            return Some(kind);
+        }
+        if self.any_list {
+            return ListKind::ALL
+                .into_iter()
+                .find(|k| result.contains_key(k.key()));
+        }
+        None
+    }
+
+    fn allows(&self, kind: ListKind, item: &Item<'_>) -> bool {
+        let Some(rules) = self.pathway.mcp.as_ref() else {
+            return true;
+        };
+        match kind {
+            ListKind::Tools => item.name.as_deref().is_some_and(|n| rules.allows_tool(n)),
+            ListKind::Prompts => item.name.as_deref().is_some_and(|n| rules.allows_prompt(n)),
+            ListKind::Resources => item
+                .uri
+                .as_deref()
+                .is_some_and(|u| rules.allows_resource(u)),
+            ListKind::ResourceTemplates => item
+                .uri_template
+                .as_deref()
+                .is_some_and(|u| rules.allows_resource(u)),
+        }
+    }
+
+    /// Filters one JSON-RPC message of the server's, if it answers a list request.
+    /// `Ok(None)`: unchanged. `Err`: not JSON-RPC.
+    fn rewrite_message(&mut self, text: &str) -> Result<Option<String>, serde_json::Error> {
+        if !self.filters() {
+            return Ok(None);
+        }
+        let msg: BTreeMap<String, &RawValue> = serde_json::from_str(text)?;
+        let Some(result) = msg.get("result") else {
+            return Ok(None);
+        };
+        // An answer's `result` is an object; anything else is left to the client.
+        let Ok(fields) = serde_json::from_str::<BTreeMap<String, &RawValue>>(result.get()) else {
+            return Ok(None);
+        };
+        let Some(kind) = self.kind_of(msg.get("id").copied(), &fields) else {
+            return Ok(None);
+        };
+        let mut out = String::with_capacity(text.len());
+        out.push('{');
+        for (i, (k, v)) in msg.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_key(&mut out, k);
+            if k == "result" {
+                self.filter_result(&mut out, kind, &fields)?;
+            } else {
+                out.push_str(v.get());
+            }
+        }
+        out.push('}');
+        Ok(Some(out))
+    }
+
+    fn filter_result(
+        &self,
+        out: &mut String,
+        kind: ListKind,
+        fields: &BTreeMap<String, &RawValue>,
+    ) -> Result<(), serde_json::Error> {
+        out.push('{');
+        for (i, (k, v)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_key(out, k);
+            if k != kind.key() {
+                out.push_str(v.get());
+                continue;
+            }
+            let items: Vec<&RawValue> = serde_json::from_str(v.get())?;
+            out.push('[');
+            let mut first = true;
+            for raw in items {
+                // An item that does not parse is hidden (fail closed).
+                let keep = serde_json::from_str::<Item<'_>>(raw.get())
+                    .is_ok_and(|item| self.allows(kind, &item));
+                if keep {
+                    if !first {
+                        out.push(',');
+                    }
+                    first = false;
+                    out.push_str(raw.get());
+                }
+            }
+            out.push(']');
+        }
+        out.push('}');
+        Ok(())
+    }
+
+    /// The whole JSON answer, filtered, with the gateway's answers merged in.
+    fn rewrite_json(&mut self, body: &[u8]) -> Bytes {
+        let trimmed = body.iter().position(|b| !b.is_ascii_whitespace());
+        let mut server: Vec<String> = Vec::new();
+        let mut single = false;
+        let parsed: Result<(), serde_json::Error> = (|| {
+            match trimmed.map(|i| body[i]) {
+                None => {}
+                Some(b'[') => {
+                    let items: Vec<&RawValue> = serde_json::from_slice(body)?;
+                    for raw in items {
+                        let text = self.rewrite_message(raw.get())?;
+                        server.push(text.unwrap_or_else(|| raw.get().to_owned()));
+                    }
+                }
+                Some(_) => {
+                    let raw: &RawValue = serde_json::from_slice(body)?;
+                    let text = self.rewrite_message(raw.get())?;
+                    server.push(text.unwrap_or_else(|| raw.get().to_owned()));
+                    single = true;
+                }
+            }
+            Ok(())
+        })();
+        if parsed.is_err() {
+            if !self.filters() && self.errors.is_empty() {
+                return Bytes::copy_from_slice(body);
+            }
+            // Fail closed: the agent gets the gateway's answers and an error, never an
+            // unfiltered list.
+            server.clear();
+            single = false;
+            let e = self.cannot_filter("a response that is not JSON-RPC");
+            server.push(e.to_string());
+        }
+        let errors = std::mem::take(&mut self.errors);
+        if single && !self.batch && errors.is_empty() {
+            return Bytes::from(server.swap_remove(0));
+        }
+        server.extend(errors.iter().map(Value::to_string));
+        Bytes::from(format!("[{}]", server.join(",")))
+    }
+}
+
+fn push_key(out: &mut String, k: &str) {
+    out.push_str(&Value::from(k).to_string());
+    out.push(':');
+}
+
+/// The naming fields of a listed tool, prompt, resource or template.
+#[derive(serde::Deserialize)]
+struct Item<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    uri: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default, rename = "uriTemplate")]
+    uri_template: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A JSON answer, read to its end, then rewritten as one frame.
+struct JsonRewrite {
+    inner: ProxyBody,
+    buf: BytesMut,
+    overflow: bool,
+    /// The server's content coding; `None`: one the gateway does not know.
+    coding: Option<Coding>,
+    plan: Option<ResponsePlan>,
+}
+
+impl Body for JsonRewrite {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(plan) = this.plan.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if this.buf.len() + data.len() > MAX_JSON_RESPONSE {
+                            this.overflow = true;
+                            this.buf.clear();
+                        } else if !this.overflow {
+                            this.buf.extend_from_slice(&data);
+                        }
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    let decoded = match this.coding {
+                        Some(Coding::Identity) => Ok(std::borrow::Cow::Borrowed(&this.buf[..])),
+                        Some(c) => encoding::decode_all(c, &this.buf, MAX_JSON_RESPONSE as u64)
+                            .map(std::borrow::Cow::Owned)
+                            .map_err(|_| ()),
+                        None => Err(()),
+                    };
+                    let out = match decoded {
+                        Ok(text) if !this.overflow => plan.rewrite_json(&text),
+                        _ => {
+                            let e = plan.cannot_filter("a response this large or so encoded");
+                            let mut all = std::mem::take(&mut plan.errors);
+                            all.push(e);
+                            Bytes::from(Value::Array(all).to_string())
+                        }
+                    };
+                    this.plan = None;
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.plan.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// An SSE answer, rewritten event by event as it streams: the gateway's answers first,
+/// then each server event, list answers filtered.
+struct SseRewrite {
+    inner: ProxyBody,
+    plan: ResponsePlan,
+    /// The gateway's answers, sent before the first server event.
+    prefix: Option<Bytes>,
+    /// Bytes of the event being read.
+    event: BytesMut,
+    /// Where the next line of `event` starts.
+    line_start: usize,
+    done: bool,
+}
+
+impl SseRewrite {
+    fn new(inner: ProxyBody, mut plan: ResponsePlan) -> SseRewrite {
+        let mut prefix = String::new();
+        for e in std::mem::take(&mut plan.errors) {
+            prefix.push_str("event: message\ndata: ");
+            prefix.push_str(&e.to_string());
+            prefix.push_str("\n\n");
+        }
+        SseRewrite {
+            inner,
+            plan,
+            prefix: (!prefix.is_empty()).then(|| Bytes::from(prefix)),
+            event: BytesMut::new(),
+            line_start: 0,
+            done: false,
+        }
+    }
+
+    /// Moves every complete event of `data` to `out`, rewritten where it answers a list.
+    fn feed(&mut self, data: &[u8], out: &mut BytesMut) {
+        if !self.plan.filters() && self.event.is_empty() {
+            // Nothing left to filter: pass the stream through.
+            out.extend_from_slice(data);
+            return;
+        }
+        self.event.extend_from_slice(data);
+        while let Some(nl) = self.event[self.line_start..]
+            .iter()
+            .position(|&b| b == b'\n')
+        {
+            let line_end = self.line_start + nl;
+            let line = &self.event[self.line_start..line_end];
+            let blank = line.is_empty() || line == b"\r";
+            self.line_start = line_end + 1;
+            if blank {
+                let event = self.event.split_to(self.line_start).freeze();
+                self.line_start = 0;
+                out.extend_from_slice(&self.rewrite_event(&event));
+                if !self.plan.filters() {
+                    out.extend_from_slice(&self.event.split());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn rewrite_event(&mut self, event: &Bytes) -> Bytes {
+        let text = String::from_utf8_lossy(event);
+        let crlf = text.contains("\r\n");
+        let mut data = String::new();
+        let mut others = Vec::new();
+        let mut has_data = false;
+        for line in text.lines() {
+            if line.is_empty() {
+                continue;
+            }
+            match line.strip_prefix("data:") {
+                Some(d) => {
+                    if has_data {
+                        data.push('\n');
+                    }
+                    has_data = true;
+                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                }
+                None => others.push(line),
+            }
+        }
+        if !has_data {
+            return event.clone();
+        }
+        match self.plan.rewrite_message(&data) {
+            Ok(Some(new)) => {
+                let nl = if crlf { "\r\n" } else { "\n" };
+                let mut s = String::with_capacity(new.len() + 64);
+                for o in others {
+                    s.push_str(o);
+                    s.push_str(nl);
+                }
+                s.push_str("data: ");
+                s.push_str(&new);
+                s.push_str(nl);
+                s.push_str(nl);
+                Bytes::from(s)
+            }
+            // Not a list answer, or not JSON (a priming event): as it came.
+            _ => event.clone(),
+        }
+    }
+}
+
+impl Body for SseRewrite {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(prefix) = this.prefix.take() {
+            return Poll::Ready(Some(Ok(Frame::data(prefix))));
+        }
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    let mut out = BytesMut::new();
+                    this.feed(&data, &mut out);
+                    if this.event.len() > MAX_SSE_EVENT {
+                        // Fail closed: an event too large to check ends the stream.
+                        this.done = true;
+                        let e = this.plan.cannot_filter("an event this large");
+                        out.extend_from_slice(format!("event: message\ndata: {e}\n\n").as_bytes());
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(out.freeze()))));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    this.done = true;
+                    // An unterminated last event goes out as it came.
+                    if !this.event.is_empty() {
+                        let rest = this.event.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.prefix.is_none() && self.event.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(tools: &[&str]) -> ResponsePlan {
+        let yaml = format!(
+            "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: a\n    id: spiffe://example.org/a\n    pathways:\n      - name: m\n        destinations: [\"m:80\"]\n        upstream: {{}}\n        mcp: {{ tools: [{}], resources: [\"docs://*\"] }}\n",
+            tools.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(", ")
+        );
+        let p = egress_policy::Policy::from_yaml_str(&yaml, "p.yaml").unwrap();
+        let pathway = p.pathways().next().unwrap().clone();
+        ResponsePlan::new(pathway, false, "t".into())
+    }
+
+    fn tools_answer(id: u64, names: &[&str]) -> String {
+        let tools: Vec<Value> = names
+            .iter()
+            .map(|n| json!({"name": n, "inputSchema": {"type": "object"}}))
+            .collect();
+        json!({"jsonrpc": "2.0", "id": id, "result": {"tools": tools, "nextCursor": "c"}})
+            .to_string()
+    }
+
+    #[test]
+    fn filters_a_tools_list_by_id() {
+        let mut p = plan(&["search_docs", "read_*"]);
+        p.lists.insert("1".into(), ListKind::Tools);
+        let out = p
+            .rewrite_message(&tools_answer(
+                1,
+                &["search_docs", "read_file", "delete_repo"],
+            ))
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let names: Vec<&str> = v["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["search_docs", "read_file"]);
+        assert_eq!(v["result"]["nextCursor"], "c");
+        assert_eq!(v["id"], 1);
+        // Answered once: the id is done, another answer with it is not ours.
+        assert!(p
+            .rewrite_message(&tools_answer(1, &["x"]))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn other_answers_pass_unchanged() {
+        let mut p = plan(&["a"]);
+        p.lists.insert("1".into(), ListKind::Tools);
+        let call = json!({"jsonrpc":"2.0","id":2,"result":{"content":[]}}).to_string();
+        assert!(p.rewrite_message(&call).unwrap().is_none());
+        let err = json!({"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m"}}).to_string();
+        assert!(p.rewrite_message(&err).unwrap().is_none());
+    }
+
+    #[test]
+    fn json_batches_merge_the_gateways_answers() {
+        let mut p = plan(&["a"]);
+        p.batch = true;
+        p.lists.insert("\"l\"".into(), ListKind::Tools);
+        p.errors
+            .push(json!({"jsonrpc":"2.0","id":9,"error":{"code":-32001}}));
+        let server =
+            json!({"jsonrpc":"2.0","id":"l","result":{"tools":[{"name":"a"},{"name":"b"}]}});
+        let out: Value =
+            serde_json::from_slice(&p.rewrite_json(server.to_string().as_bytes())).unwrap();
+        assert_eq!(out[0]["result"]["tools"], json!([{"name":"a"}]));
+        assert_eq!(out[1]["id"], 9);
+        // Not JSON: fail closed with the gateway's answers and an error.
+        let mut p = plan(&["a"]);
+        p.lists.insert("1".into(), ListKind::Tools);
+        let out: Value = serde_json::from_slice(&p.rewrite_json(b"<html>")).unwrap();
+        assert_eq!(out[0]["error"]["code"], INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn sse_events_are_filtered_across_frames() {
+        let mut p = plan(&["a"]);
+        p.lists.insert("3".into(), ListKind::Tools);
+        p.errors
+            .push(json!({"jsonrpc":"2.0","id":4,"error":{"code":-32001}}));
+        let mut s = SseRewrite::new(full(Bytes::new()), p);
+        assert!(s
+            .prefix
+            .as_ref()
+            .unwrap()
+            .starts_with(b"event: message\ndata: {"));
+        let answer = tools_answer(3, &["a", "b"]);
+        let stream = format!("id: 0\r\ndata: \r\n\r\nevent: message\r\ndata: {answer}\r\n\r\nevent: message\r\ndata: {{\"x\":1}}\r\n\r\n");
+        let mut out = BytesMut::new();
+        for chunk in stream.as_bytes().chunks(7) {
+            s.feed(chunk, &mut out);
+        }
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.starts_with("id: 0\r\ndata: \r\n\r\n"), "{text}");
+        assert!(
+            text.contains(r#""tools":[{"inputSchema":{"type":"object"},"name":"a"}]"#)
+                || text.contains(r#""tools":[{"name":"a","inputSchema":{"type":"object"}}]"#),
+            "{text}"
+        );
+        assert!(!text.contains("\"b\""), "{text}");
+        assert!(text.ends_with("data: {\"x\":1}\r\n\r\n"), "{text}");
+    }
+
+    #[test]
+    fn requests_are_read_and_checked() {
+        let (m, batch) = read_messages(
+            br#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}},
+            {"jsonrpc":"2.0","method":"notifications/initialized"},
+            {"jsonrpc":"2.0","id":null,"method":"ping"},
+            {"jsonrpc":"1.0","id":2,"method":"ping"},
+            {"jsonrpc":"2.0","id":3,"result":{}}]"#,
+        )
+        .unwrap();
+        assert!(batch);
+        assert!(m[0].is_request && m[0].call.is_some());
+        assert!(!m[1].is_request && m[1].call.is_some() && m[1].id.is_none());
+        assert!(m[2].call.is_none(), "a null id");
+        assert!(m[3].call.is_none(), "not 2.0");
+        assert!(m[4].call.is_some() && !m[4].is_request, "a response");
+        assert!(read_messages(b"[]").is_none());
+        assert!(read_messages(b"nope").is_none());
+        assert!(read_messages(b"42").is_none());
+    }
+}
