@@ -27,6 +27,12 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathwayLabels {
+    pub agent: String,
+    pub pathway: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -153,6 +159,7 @@ pub struct Metrics {
     pub mcp_calls: Family<McpLabels, Counter>,
     pub connections_closed: Family<ClosedLabels, Counter>,
     pub interception_leaf_mints: Counter,
+    pub pathway_unavailable: Family<PathwayLabels, Gauge>,
     pub llm_tokens: Family<TokenLabels, Counter>,
     limits_reader: std::sync::OnceLock<LimitsReader>,
     token_pathways_reader: std::sync::OnceLock<TokenPathwaysReader>,
@@ -315,10 +322,17 @@ impl Metrics {
             "JSON-RPC messages agents sent on MCP pathways, by method, tool (the mcp.tools entry) and decision",
             mcp_calls.clone(),
         );
+        let pathway_unavailable = Family::<PathwayLabels, Gauge>::default();
+        registry.register(
+            "pathway_unavailable",
+            "1 while an L7 pathway's secret_file or ca_file cannot be read (its requests get 503), else 0",
+            pathway_unavailable.clone(),
+        );
         Metrics {
             mcp_calls,
             connections_closed,
             interception_leaf_mints,
+            pathway_unavailable,
             llm_tokens,
             token_pathways_reader: std::sync::OnceLock::new(),
             limit_used,

@@ -41,30 +41,21 @@ pub enum StartError {
     Interception(#[from] crate::interception::InterceptionError),
 }
 
-/// The policy-load check for L7 pathways' files (see [`crate::upstream::check_policy_files`]).
-fn secrets_check(secrets: &crate::upstream::Secrets) -> crate::policy_store::LoadCheck {
-    let secrets = secrets.clone();
+/// At every policy load: which L7 pathways' files do not load (those pathways alone are
+/// out of service; the policy itself is never rejected for it).
+fn availability_check(availability: &Arc<crate::upstream::Availability>) -> crate::policy_store::LoadCheck {
+    let availability = availability.clone();
     Arc::new(move |policy: Arc<egress_policy::Policy>| {
-        let secrets = secrets.clone();
+        let availability = availability.clone();
         Box::pin(async move {
-            crate::upstream::check_policy_files(&policy, &secrets)
-                .await
-                .map_err(|errors| {
-                    egress_policy::PolicyError::Many(
-                        errors
-                            .into_iter()
-                            .map(|message| egress_policy::PolicyError::Invalid {
-                                origin: policy.origin().to_string(),
-                                line: None,
-                                context: "upstream files".into(),
-                                message,
-                            })
-                            .collect(),
-                    )
-                })
+            availability.check(&policy).await;
+            Ok(())
         })
     })
 }
+
+/// How often files of unavailable pathways are looked at again (a Secret mounted late).
+const AVAILABILITY_RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Things tests replace: the resolver (private and rebinding answers).
 pub struct Dependencies {
@@ -104,11 +95,17 @@ pub async fn start_with(
     config: GatewayConfig,
     deps: Dependencies,
 ) -> Result<RunningGateway, StartError> {
-    // Secret and CA files are checked with every load and reload: a policy whose
-    // credential cannot be read is rejected, never half in force.
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
+    // Secret and CA files are checked with every load and reload (and again every few
+    // seconds): a pathway whose file cannot be read is out of service on its own.
     let secrets = crate::upstream::Secrets::default();
+    let availability = Arc::new(crate::upstream::Availability::new(
+        secrets.clone(),
+        telemetry.metrics.pathway_unavailable.clone(),
+    ));
     let policy =
-        PolicyStore::load_checked(&config.policy, Some(secrets_check(&secrets))).await?;
+        PolicyStore::load_checked(&config.policy, Some(availability_check(&availability)))
+            .await?;
     let limits = Arc::new(crate::limits::Limits::from_config(
         &config.limits_backend,
         config.on_backend_error,
@@ -117,7 +114,6 @@ pub async fn start_with(
     let (audit, audit_writer) =
         AuditLog::open_rotating(&config.telemetry.audit_log, config.telemetry.audit_rotation)
             .await?;
-    let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
     let reader = limits.clone();
     telemetry.metrics.set_limits_reader(Box::new(move || {
         reader
@@ -244,6 +240,20 @@ pub async fn start_with(
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::spawn(listener.run(stop.clone(), connections.clone()));
+    {
+        // A Secret mounted (or fixed) after start-up brings its pathway back without a
+        // reload; the gauge follows.
+        let (policy, availability, stop) = (policy.clone(), availability.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(AVAILABILITY_RECHECK);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => availability.check(&policy.current()).await,
+                }
+            }
+        });
+    }
     crate::policy_watch::recheck_on_swap(policy.clone(), proxy.registry().clone(), stop.clone());
     // Connections and tunnels end with the certificate that opened them.
     crate::proxy::peer_lifetime::enforce(

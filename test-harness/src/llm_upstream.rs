@@ -239,7 +239,11 @@ impl LlmUpstream {
     /// Every response body as the fake sent it (compressed when the request accepted
     /// it; cut short when told to), in order.
     pub fn responses(&self) -> Vec<Bytes> {
-        self.seen.responses.lock().map(|r| r.clone()).unwrap_or_default()
+        self.seen
+            .responses
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
     }
 
     /// From now on every request gets `status` with an OpenAI-shaped error body (no
@@ -338,7 +342,11 @@ enum Api {
     Embeddings,
     Anthropic,
     /// `models/{model}:generateContent` or `:streamGenerateContent` (`?alt=sse`: SSE).
-    Gemini { model: String, stream: bool, sse: bool },
+    Gemini {
+        model: String,
+        stream: bool,
+        sse: bool,
+    },
 }
 
 fn api_for(path: &str, query: &str) -> Api {
@@ -438,29 +446,67 @@ async fn answer(req: Request<Incoming>, seen: Arc<Seen>) -> Result<Response<Body
             "limit": null,
             "trace_id": null,
         }});
-        return Ok(seen.send(403, "application/json", json_pieces(body.to_string()), Coding::Identity, &Behaviour::default()));
+        return Ok(seen.send(
+            403,
+            "application/json",
+            json_pieces(body.to_string()),
+            Coding::Identity,
+            &Behaviour::default(),
+        ));
     }
     if let Some(status) = behaviour.status {
         let body = serde_json::json!({"error": {
             "message": "The server had an error while processing your request.",
             "type": "server_error", "param": null, "code": null,
         }});
-        return Ok(seen.send(status, "application/json", json_pieces(body.to_string()), coding, &behaviour));
+        return Ok(seen.send(
+            status,
+            "application/json",
+            json_pieces(body.to_string()),
+            coding,
+            &behaviour,
+        ));
     }
     let text = padded_text(behaviour.pad_to);
     let (content_type, pieces) = match (&api, stream) {
-        (Api::Anthropic, false) => ("application/json", json_pieces(anthropic_message(model, tokens, &text).to_string())),
+        (Api::Anthropic, false) => (
+            "application/json",
+            json_pieces(anthropic_message(model, tokens, &text).to_string()),
+        ),
         (Api::Anthropic, true) => ("text/event-stream", anthropic_stream(model, tokens)),
-        (Api::Responses, false) => ("application/json", json_pieces(responses_json(model, tokens, &text).to_string())),
+        (Api::Responses, false) => (
+            "application/json",
+            json_pieces(responses_json(model, tokens, &text).to_string()),
+        ),
         (Api::Responses, true) => ("text/event-stream", responses_stream(model, tokens)),
-        (Api::Embeddings, _) => ("application/json", json_pieces(embeddings(model, tokens).to_string())),
-        (Api::Completions, false) => ("application/json", json_pieces(completions_json(model, tokens, &text).to_string())),
-        (Api::Completions, true) => ("text/event-stream", completions_stream(model, tokens, include_usage)),
-        (Api::Chat, false) => ("application/json", json_pieces(openai_completion(model, tokens, &text).to_string())),
-        (Api::Chat, true) => ("text/event-stream", openai_stream(model, tokens, include_usage)),
+        (Api::Embeddings, _) => (
+            "application/json",
+            json_pieces(embeddings(model, tokens).to_string()),
+        ),
+        (Api::Completions, false) => (
+            "application/json",
+            json_pieces(completions_json(model, tokens, &text).to_string()),
+        ),
+        (Api::Completions, true) => (
+            "text/event-stream",
+            completions_stream(model, tokens, include_usage),
+        ),
+        (Api::Chat, false) => (
+            "application/json",
+            json_pieces(openai_completion(model, tokens, &text).to_string()),
+        ),
+        (Api::Chat, true) => (
+            "text/event-stream",
+            openai_stream(model, tokens, include_usage),
+        ),
         (Api::Gemini { sse: true, .. }, _) => ("text/event-stream", gemini_sse(model, tokens)),
-        (Api::Gemini { stream: true, .. }, _) => ("application/json", json_pieces(gemini_array(model, tokens))),
-        (Api::Gemini { .. }, _) => ("application/json", json_pieces(gemini_json(model, tokens, &text).to_string())),
+        (Api::Gemini { stream: true, .. }, _) => {
+            ("application/json", json_pieces(gemini_array(model, tokens)))
+        }
+        (Api::Gemini { .. }, _) => (
+            "application/json",
+            json_pieces(gemini_json(model, tokens, &text).to_string()),
+        ),
     };
     Ok(seen.send(200, content_type, pieces, coding, &behaviour))
 }
@@ -481,10 +527,7 @@ impl Seen {
         behaviour: &Behaviour,
     ) -> Response<Body> {
         let mut enc = Encoder::new(coding);
-        let mut wire: Vec<Bytes> = pieces
-            .iter()
-            .map(|p| enc.piece(p.as_bytes()))
-            .collect();
+        let mut wire: Vec<Bytes> = pieces.iter().map(|p| enc.piece(p.as_bytes())).collect();
         let tail = enc.finish();
         if !tail.is_empty() {
             match wire.last_mut() {
@@ -508,7 +551,10 @@ impl Seen {
                 Ok::<_, std::io::Error>(Frame::data(piece))
             })
             .chain(futures::stream::iter(cut.map(|_| {
-                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "stream cut by the fake"))
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "stream cut by the fake",
+                ))
             })));
         let mut builder = Response::builder()
             .status(status)
@@ -641,7 +687,12 @@ impl Encoder {
             Coding::Identity => Encoder::Identity,
             Coding::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(Vec::new(), level)),
             Coding::Deflate => Encoder::Deflate(flate2::write::ZlibEncoder::new(Vec::new(), level)),
-            Coding::Br => Encoder::Br(Box::new(brotli::CompressorWriter::new(Vec::new(), 4096, 5, 22))),
+            Coding::Br => Encoder::Br(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                5,
+                22,
+            ))),
             Coding::Zstd => match zstd::stream::write::Encoder::new(Vec::new(), 3) {
                 Ok(e) => Encoder::Zstd(e),
                 Err(_) => Encoder::Identity,
@@ -827,7 +878,12 @@ fn embeddings(model: &str, t: Tokens) -> serde_json::Value {
     })
 }
 
-fn responses_object(model: &str, status: &str, output: serde_json::Value, usage: serde_json::Value) -> serde_json::Value {
+fn responses_object(
+    model: &str,
+    status: &str,
+    output: serde_json::Value,
+    usage: serde_json::Value,
+) -> serde_json::Value {
     serde_json::json!({
         "id": "resp_fake", "object": "response", "created_at": unix_now(), "status": status,
         "model": model, "output": output, "usage": usage,
@@ -850,7 +906,12 @@ fn responses_message(text: &str) -> serde_json::Value {
 }
 
 fn responses_json(model: &str, t: Tokens, text: &str) -> serde_json::Value {
-    responses_object(model, "completed", serde_json::json!([responses_message(text)]), responses_usage(t))
+    responses_object(
+        model,
+        "completed",
+        serde_json::json!([responses_message(text)]),
+        responses_usage(t),
+    )
 }
 
 /// The Responses API's events: `response.created`, the text deltas, and
@@ -863,11 +924,15 @@ fn responses_stream(model: &str, t: Tokens) -> Vec<String> {
             "item": {"type": "message", "id": "msg_fake", "status": "in_progress", "role": "assistant", "content": []}}),
     ];
     for word in FAKE_STREAM_DELTAS {
-        events.push(serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_fake",
-            "output_index": 0, "content_index": 0, "delta": word}));
+        events.push(
+            serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_fake",
+            "output_index": 0, "content_index": 0, "delta": word}),
+        );
     }
-    events.push(serde_json::json!({"type": "response.output_text.done", "item_id": "msg_fake",
-        "output_index": 0, "content_index": 0, "text": FAKE_TEXT}));
+    events.push(
+        serde_json::json!({"type": "response.output_text.done", "item_id": "msg_fake",
+        "output_index": 0, "content_index": 0, "text": FAKE_TEXT}),
+    );
     events.push(serde_json::json!({"type": "response.completed",
         "response": responses_object(model, "completed", serde_json::json!([responses_message(FAKE_TEXT)]), responses_usage(t))}));
     events
@@ -875,7 +940,10 @@ fn responses_stream(model: &str, t: Tokens) -> Vec<String> {
         .enumerate()
         .map(|(i, e)| {
             e["sequence_number"] = i.into();
-            format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or_default())
+            format!(
+                "event: {}\ndata: {e}\n\n",
+                e["type"].as_str().unwrap_or_default()
+            )
         })
         .collect()
 }
@@ -948,7 +1016,12 @@ fn gemini_usage(t: Tokens, completion: u64) -> serde_json::Value {
     })
 }
 
-fn gemini_chunk(model: &str, text: &str, finish: bool, usage: serde_json::Value) -> serde_json::Value {
+fn gemini_chunk(
+    model: &str,
+    text: &str,
+    finish: bool,
+    usage: serde_json::Value,
+) -> serde_json::Value {
     let mut candidate = serde_json::json!({
         "content": {"parts": [{"text": text}], "role": "model"}, "index": 0,
     });
@@ -974,7 +1047,11 @@ fn gemini_objects(model: &str, t: Tokens) -> Vec<serde_json::Value> {
         .enumerate()
         .map(|(i, w)| {
             let last = i as u64 + 1 == n;
-            let so_far = if last { t.completion } else { t.completion * (i as u64 + 1) / (n + 1) };
+            let so_far = if last {
+                t.completion
+            } else {
+                t.completion * (i as u64 + 1) / (n + 1)
+            };
             gemini_chunk(model, w, last, gemini_usage(t, so_far))
         })
         .collect()
@@ -982,7 +1059,10 @@ fn gemini_objects(model: &str, t: Tokens) -> Vec<serde_json::Value> {
 
 /// `streamGenerateContent` without `alt=sse`: a JSON array, one element per chunk.
 fn gemini_array(model: &str, t: Tokens) -> String {
-    let parts: Vec<String> = gemini_objects(model, t).iter().map(|o| o.to_string()).collect();
+    let parts: Vec<String> = gemini_objects(model, t)
+        .iter()
+        .map(|o| o.to_string())
+        .collect();
     format!("[{}]", parts.join(",\r\n"))
 }
 

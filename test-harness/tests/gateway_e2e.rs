@@ -277,7 +277,10 @@ async fn malformed_requests_get_400_json() {
         assert_eq!(resp.status, 400, "{url}");
         let body = resp.json().unwrap();
         assert_eq!(body["error"]["type"], "bad_request");
-        assert!(body["error"]["message"].as_str().unwrap().contains(why), "{body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(why),
+            "{body}"
+        );
     }
     let tunnel = agent.connect_tunnel("127.1:443", &[]).await.unwrap();
     assert_eq!(tunnel.status, 400);

@@ -165,7 +165,10 @@ async fn tls_origination_with_the_wrong_ca_is_a_502_and_sends_nothing() {
     let agent = w.agent(RESEARCH).unwrap();
     let r = post(&agent, port, chat("m", false)).await;
     assert_eq!(r.status, 502);
-    let reason = r.json().unwrap()["error"]["message"].as_str().unwrap().to_string();
+    let reason = r.json().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(
         reason.contains("wrong-ca") && reason.contains("TLS"),
         "{reason}"
@@ -251,54 +254,101 @@ async fn east_west_mtls_accepts_only_the_expected_spiffe_id() {
     w.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_secret_file_fails_the_policy_load_naming_the_file() {
-    let policy = pathway_policy(
-        r#"      - name: openai
-        destinations: ["api.openai.com:443"]
-        upstream:
-          tls: true
-          inject_headers:
-            authorization: { secret_file: /nonexistent/openai-token, prefix: "Bearer " }
-"#,
-    );
-    let err = match World::start(&policy).await {
-        Ok(_) => panic!("started without its credential"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(err.contains("/nonexistent/openai-token"), "{err}");
+/// `egress_pathway_unavailable{agent="research-agent",pathway="openai"}`, if exported.
+async fn unavailable(w: &World) -> Option<f64> {
+    let metrics = w.gateway.metrics().await.unwrap();
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("egress_pathway_unavailable{")
+                && l.contains("pathway=\"openai\"")
+                && l.contains("agent=\"research-agent\"")
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
 
-    // A reload that loses a secret is rejected and the running policy stays.
-    let llm = TlsLlm::start(1).await.unwrap();
-    let secret = secret_file(SECRET);
-    let good = pathway_policy(&format!(
-        "      - name: openai\n        destinations: [\"localhost:{}\"]\n        allow_cidrs: [127.0.0.0/8]\n        upstream:\n          ca_file: {}\n          inject_headers:\n            x-api-key: {{ secret_file: {} }}\n",
+/// Waits (bounded) until the gauge reads `value`.
+async fn unavailable_becomes(w: &World, value: f64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while unavailable(w).await != Some(value) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "egress_pathway_unavailable never became {value}: {:?}",
+            unavailable(w).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An L7 pathway to the TLS fake with its key from `secret`, beside a plain pathway.
+fn openai_and_docs(llm: &TlsLlm, secret: &str, docs_port: u16) -> String {
+    pathway_policy(&format!(
+        "      - name: openai\n        destinations: [\"localhost:{}\"]\n        allow_cidrs: [127.0.0.0/8]\n        upstream:\n          ca_file: {}\n          inject_headers:\n            x-api-key: {{ secret_file: {secret} }}\n      - name: docs\n        destinations: [\"localhost:{docs_port}\"]\n        allow_cidrs: [127.0.0.0/8]\n",
         llm.upstream.addr.port(),
         llm.ca_file.path().display(),
-        secret.path().display()
-    ));
-    let w = World::start(&good).await.unwrap();
-    std::fs::write(
-        w.gateway.policy_path(),
-        good.replace(&secret.path().display().to_string(), "/nonexistent/other"),
-    )
-    .unwrap();
-    let e = w
-        .gateway
-        .gateway()
-        .reload_policy()
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_file_takes_only_its_pathway_out_until_the_file_appears() {
+    let llm = TlsLlm::start(1).await.unwrap();
+    let docs = test_harness::upstream::HttpEcho::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("openai-token");
+    let policy = openai_and_docs(&llm, &secret.display().to_string(), docs.addr.port());
+    // Starts without the credential (a Kubernetes Secret not created yet).
+    let w = World::start(&policy).await.unwrap();
+    let agent = w.agent(RESEARCH).unwrap();
+    unavailable_becomes(&w, 1.0).await;
+    let r = post(&agent, llm.upstream.addr.port(), chat("m", false)).await;
+    assert_eq!(r.status, 503);
+    let body = r.json().unwrap();
+    assert_eq!(body["error"]["type"], "credential_unavailable", "{body}");
+    assert_eq!(
+        body["error"]["message"], "credential unavailable: openai",
+        "{body}"
+    );
+    assert!(
+        llm.upstream.requests().is_empty(),
+        "forwarded without its key"
+    );
+    // Every other pathway keeps working.
+    let ok = agent
+        .request(
+            "GET",
+            &format!("http://localhost:{}/x", docs.addr.port()),
+            &[],
+            Vec::new(),
+        )
         .await
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("/nonexistent/other"), "{e}");
-    let r = post(
-        &w.agent(RESEARCH).unwrap(),
-        llm.upstream.addr.port(),
-        chat("m", false),
-    )
-    .await;
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let lines = w.gateway.wait_for_audit(2).await;
+    let refused = lines.iter().find(|l| l["status"] == 503).unwrap();
+    assert_eq!(refused["pathway"], "openai", "{refused}");
+    assert!(
+        refused.to_string().contains("credential unavailable"),
+        "{refused}"
+    );
+
+    // The Secret appears: the pathway comes back without a reload.
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    unavailable_becomes(&w, 0.0).await;
+    let r = post(&agent, llm.upstream.addr.port(), chat("m", false)).await;
     assert_eq!(r.status, 200);
     assert_eq!(llm.upstream.requests()[0].header("x-api-key"), Some(SECRET));
+
+    // A reload that loses it again is taken, and only this pathway goes out.
+    std::fs::write(
+        w.gateway.policy_path(),
+        policy.replace(&secret.display().to_string(), "/nonexistent/other"),
+    )
+    .unwrap();
+    w.gateway.gateway().reload_policy().await.unwrap();
+    unavailable_becomes(&w, 1.0).await;
+    let r = post(&agent, llm.upstream.addr.port(), chat("m", false)).await;
+    assert_eq!(r.status, 503);
     w.shutdown().await;
 }
 
@@ -468,7 +518,10 @@ async fn tunnels_hold_concurrency_and_are_closed_when_the_byte_budget_is_spent()
     }
     let third = third.unwrap();
     let body: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("bytes"), "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("bytes"),
+        "{body}"
+    );
     assert!(third
         .headers
         .iter()
@@ -739,7 +792,10 @@ async fn two_gateways_on_one_redis_share_max_concurrent() {
         assert_eq!(third.status, 429, "a third tunnel on either replica");
         let body: serde_json::Value = serde_json::from_slice(&third.body).unwrap();
         assert!(
-            body["error"]["message"].as_str().unwrap().contains("all replicas"),
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("all replicas"),
             "{body}"
         );
     }
@@ -843,7 +899,8 @@ fn a_crashed_replicas_concurrency_slot_expires_and_a_live_ones_does_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_zero_or_a_fifo_as_secret_file_is_refused_at_start_and_on_reload_without_a_stall() {
+async fn dev_zero_or_a_fifo_as_secret_file_disables_its_pathway_at_start_and_on_reload_without_a_stall(
+) {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("token.fifo");
     assert!(std::process::Command::new("mkfifo")
@@ -851,44 +908,48 @@ async fn dev_zero_or_a_fifo_as_secret_file_is_refused_at_start_and_on_reload_wit
         .status()
         .unwrap()
         .success());
-    let with_secret = |path: &str| {
-        pathway_policy(&format!(
-            "      - name: openai\n        destinations: [\"localhost:9\"]\n        allow_cidrs: [127.0.0.0/8]\n        upstream:\n          inject_headers:\n            x-api-key: {{ secret_file: {path} }}\n"
-        ))
-    };
-    // At start: an error naming the file, not a wedged runtime. The start runs in its
-    // own task so that a blocked worker cannot hold up this test's timer.
+    let llm = TlsLlm::start(1).await.unwrap();
+    let docs = test_harness::upstream::HttpEcho::start().await.unwrap();
+    // At start: the gateway comes up (the start runs in its own task so that a blocked
+    // worker cannot hold up this test's timer) with the pathway out of service.
     for path in ["/dev/zero", fifo.to_str().unwrap()] {
-        let policy = with_secret(path);
+        let policy = openai_and_docs(&llm, path, docs.addr.port());
         let start = tokio::spawn(async move { World::start(&policy).await });
-        let err = match tokio::time::timeout(Duration::from_secs(20), start).await {
-            Err(_) => panic!("the gateway wedged starting with {path} as secret_file"),
-            Ok(joined) => match joined.unwrap() {
-                Ok(_) => panic!("started with {path} as secret_file"),
-                Err(e) => format!("{e:#}"),
-            },
-        };
-        assert!(
-            err.contains(path) && err.contains("not a regular file"),
-            "{err}"
-        );
+        let w = tokio::time::timeout(Duration::from_secs(20), start)
+            .await
+            .unwrap_or_else(|_| panic!("the gateway wedged starting with {path} as secret_file"))
+            .unwrap()
+            .unwrap();
+        unavailable_becomes(&w, 1.0).await;
+        let agent = w.agent(RESEARCH).unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            post(&agent, llm.upstream.addr.port(), chat("m", false)),
+        )
+        .await
+        .expect("the request is answered, not stalled");
+        assert_eq!(r.status, 503, "{path}");
+        w.shutdown().await;
     }
 
-    // On reload: rejected, the previous policy stays, /healthz answers.
+    // On reload: taken without a stall, the pathway goes out, /healthz answers.
     let secret = secret_file(SECRET);
-    let w = World::start(&with_secret(&secret.path().display().to_string()))
-        .await
-        .unwrap();
+    let good = openai_and_docs(&llm, &secret.path().display().to_string(), docs.addr.port());
+    let w = World::start(&good).await.unwrap();
+    unavailable_becomes(&w, 0.0).await;
     for path in ["/dev/zero", fifo.to_str().unwrap()] {
-        std::fs::write(w.gateway.policy_path(), with_secret(path)).unwrap();
+        std::fs::write(
+            w.gateway.policy_path(),
+            good.replace(&secret.path().display().to_string(), path),
+        )
+        .unwrap();
         let reload = tokio::spawn(w.gateway.gateway().reload_policy());
-        let e = tokio::time::timeout(Duration::from_secs(20), reload)
+        tokio::time::timeout(Duration::from_secs(20), reload)
             .await
             .expect("the reload returns")
             .unwrap()
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(path), "{e}");
+            .unwrap();
+        unavailable_becomes(&w, 1.0).await;
         let health = tokio::time::timeout(
             Duration::from_secs(5),
             test_harness::gateway::admin_get(w.gateway.admin_addr(), "/healthz"),
@@ -898,10 +959,5 @@ async fn dev_zero_or_a_fifo_as_secret_file_is_refused_at_start_and_on_reload_wit
         .unwrap();
         assert_eq!(health.0, 200);
     }
-    let metrics = w.gateway.metrics().await.unwrap();
-    assert!(
-        metrics.contains("egress_policy_reloads_total{result=\"rejected\"} 2"),
-        "{metrics}"
-    );
     w.shutdown().await;
 }

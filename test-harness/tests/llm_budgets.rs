@@ -16,7 +16,9 @@ use test_harness::agent::{AgentClient, AgentResponse};
 use test_harness::ca::TestCa;
 use test_harness::gateway::{GatewayOptions, World};
 use test_harness::interop::{client_command, interop_dir, interop_python, run, with_proxy, Steps};
-use test_harness::llm_upstream::{Coding, LlmTls, LlmUpstream, TlsLlm, FAKE_STREAM_DELTAS, FAKE_TEXT};
+use test_harness::llm_upstream::{
+    Coding, LlmTls, LlmUpstream, TlsLlm, FAKE_STREAM_DELTAS, FAKE_TEXT,
+};
 use test_harness::otlp::OtlpReceiver;
 use test_harness::resolver::StaticResolver;
 use test_harness::sidecar::TestSidecar;
@@ -59,7 +61,12 @@ async fn post(
     let mut all = vec![("content-type", "application/json")];
     all.extend_from_slice(headers);
     agent
-        .request("POST", &format!("http://localhost:{port}{path}"), &all, body)
+        .request(
+            "POST",
+            &format!("http://localhost:{port}{path}"),
+            &all,
+            body,
+        )
         .await
         .unwrap()
 }
@@ -151,14 +158,24 @@ async fn compressed_responses_are_charged_and_reach_the_agent_unchanged() {
         } else {
             chat("gpt-4o-mini", false)
         };
-        let r = post(&agent, port, "/v1/chat/completions", &[("accept-encoding", accept)], body).await;
+        let r = post(
+            &agent,
+            port,
+            "/v1/chat/completions",
+            &[("accept-encoding", accept)],
+            body,
+        )
+        .await;
         assert_eq!(r.status, 200, "{accept}");
         assert_eq!(r.header("content-encoding"), *coding, "{accept}");
         // Byte for byte what the upstream sent.
         let sent = llm.responses().last().unwrap().clone();
         assert_eq!(r.body, sent.to_vec(), "{accept}");
         let decoded = Coding::named(coding.unwrap_or("identity")).decode(&r.body);
-        assert!(String::from_utf8_lossy(&decoded).contains("\"usage\""), "{accept}");
+        assert!(
+            String::from_utf8_lossy(&decoded).contains("\"usage\""),
+            "{accept}"
+        );
         let line = audit_line(&w, i + 1).await;
         expect_reported(&line, "openai", TOKENS / 2, TOKENS / 2);
         assert_eq!(line["llm_model"], "gpt-4o-mini");
@@ -197,7 +214,13 @@ async fn a_gzip_answer_no_longer_slips_past_the_budget() {
             assert_eq!(j["error"]["type"], "rate_limited", "{j}");
             assert_eq!(j["error"]["code"], "llm_tokens_per_hour", "{j}");
             assert_eq!(j["error"]["limit"], "llm_tokens_per_hour", "{j}");
-            assert!(j["error"]["message"].as_str().unwrap().contains("300 of 300"), "{j}");
+            assert!(
+                j["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("300 of 300"),
+                "{j}"
+            );
         }
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
@@ -233,20 +256,122 @@ async fn every_provider_is_charged_what_it_reports() {
     // (path, body, accept-encoding, provider, input, output, request/response model)
     type Case<'a> = (&'a str, Vec<u8>, &'a str, &'a str, u64, u64, &'a str);
     let cases: Vec<Case> = vec![
-        ("/v1/chat/completions", chat("gpt-4o-mini", false), "br", "openai", half, half, "gpt-4o-mini"),
-        ("/v1/chat/completions", chat("gpt-4o-mini", true), "gzip", "openai", half, half, "gpt-4o-mini"),
-        ("/v1/completions", json(serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"})), "zstd", "openai", half, half, "gpt-3.5-turbo-instruct"),
-        ("/v1/completions", json(serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": true})), "", "openai", half, half, "gpt-3.5-turbo-instruct"),
-        ("/v1/responses", json(serde_json::json!({"model": "gpt-4.1", "input": "hi"})), "gzip", "openai", half, half, "gpt-4.1"),
-        ("/v1/responses", json(serde_json::json!({"model": "gpt-4.1", "input": "hi", "stream": true})), "br", "openai", half, half, "gpt-4.1"),
-        ("/v1/embeddings", json(serde_json::json!({"model": "text-embedding-3-small", "input": "hi"})), "gzip", "openai", TOKENS, 0, "text-embedding-3-small"),
+        (
+            "/v1/chat/completions",
+            chat("gpt-4o-mini", false),
+            "br",
+            "openai",
+            half,
+            half,
+            "gpt-4o-mini",
+        ),
+        (
+            "/v1/chat/completions",
+            chat("gpt-4o-mini", true),
+            "gzip",
+            "openai",
+            half,
+            half,
+            "gpt-4o-mini",
+        ),
+        (
+            "/v1/completions",
+            json(serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"})),
+            "zstd",
+            "openai",
+            half,
+            half,
+            "gpt-3.5-turbo-instruct",
+        ),
+        (
+            "/v1/completions",
+            json(
+                serde_json::json!({"model": "gpt-3.5-turbo-instruct", "prompt": "hi", "stream": true}),
+            ),
+            "",
+            "openai",
+            half,
+            half,
+            "gpt-3.5-turbo-instruct",
+        ),
+        (
+            "/v1/responses",
+            json(serde_json::json!({"model": "gpt-4.1", "input": "hi"})),
+            "gzip",
+            "openai",
+            half,
+            half,
+            "gpt-4.1",
+        ),
+        (
+            "/v1/responses",
+            json(serde_json::json!({"model": "gpt-4.1", "input": "hi", "stream": true})),
+            "br",
+            "openai",
+            half,
+            half,
+            "gpt-4.1",
+        ),
+        (
+            "/v1/embeddings",
+            json(serde_json::json!({"model": "text-embedding-3-small", "input": "hi"})),
+            "gzip",
+            "openai",
+            TOKENS,
+            0,
+            "text-embedding-3-small",
+        ),
         // Anthropic reports half the prompt as cache reads: counted.
-        ("/v1/messages", json(serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": msg})), "gzip", "anthropic", half, half, "claude-haiku-4-5"),
-        ("/v1/messages", json(serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": msg, "stream": true})), "zstd", "anthropic", half, half, "claude-haiku-4-5"),
+        (
+            "/v1/messages",
+            json(
+                serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": msg}),
+            ),
+            "gzip",
+            "anthropic",
+            half,
+            half,
+            "claude-haiku-4-5",
+        ),
+        (
+            "/v1/messages",
+            json(
+                serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "messages": msg, "stream": true}),
+            ),
+            "zstd",
+            "anthropic",
+            half,
+            half,
+            "claude-haiku-4-5",
+        ),
         // Gemini: the model is in the path; thoughts count as output.
-        ("/v1beta/models/gemini-2.0-flash:generateContent", json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})), "gzip", "gcp.gemini", half, half, "gemini-2.0-flash"),
-        ("/v1beta/models/gemini-2.0-flash:streamGenerateContent", json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})), "br", "gcp.gemini", half, half, "gemini-2.0-flash"),
-        ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})), "", "gcp.gemini", half, half, "gemini-2.0-flash"),
+        (
+            "/v1beta/models/gemini-2.0-flash:generateContent",
+            json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})),
+            "gzip",
+            "gcp.gemini",
+            half,
+            half,
+            "gemini-2.0-flash",
+        ),
+        (
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+            json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})),
+            "br",
+            "gcp.gemini",
+            half,
+            half,
+            "gemini-2.0-flash",
+        ),
+        (
+            "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+            json(serde_json::json!({"contents": [{"parts": [{"text": "hi"}]}]})),
+            "",
+            "gcp.gemini",
+            half,
+            half,
+            "gemini-2.0-flash",
+        ),
     ];
     let mut total = 0;
     for (i, (path, body, accept, provider, input, output, model)) in cases.iter().enumerate() {
@@ -256,7 +381,12 @@ async fn every_provider_is_charged_what_it_reports() {
             vec![("accept-encoding", *accept)]
         };
         let r = post(&agent, port, path, &headers, body.clone()).await;
-        assert_eq!(r.status, 200, "{path}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            200,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         let line = audit_line(&w, i + 1).await;
         expect_reported(&line, provider, *input, *output);
         assert_eq!(line["llm_model"], *model, "{path}: {line}");
@@ -271,10 +401,15 @@ async fn every_provider_is_charged_what_it_reports() {
         .find(|s| s.str("gen_ai.system") == Some("gcp.gemini"))
         .unwrap_or_else(|| panic!("{spans:?}"));
     assert_eq!(gemini.str("gen_ai.request.model"), Some("gemini-2.0-flash"));
-    assert_eq!(gemini.str("gen_ai.response.model"), Some("gemini-2.0-flash"));
+    assert_eq!(
+        gemini.str("gen_ai.response.model"),
+        Some("gemini-2.0-flash")
+    );
     assert_eq!(gemini.int("gen_ai.usage.input_tokens"), Some(half as i64));
     assert_eq!(gemini.int("gen_ai.usage.output_tokens"), Some(half as i64));
-    assert!(spans.iter().any(|s| s.str("gen_ai.system") == Some("anthropic")));
+    assert!(spans
+        .iter()
+        .any(|s| s.str("gen_ai.system") == Some("anthropic")));
 
     let metrics = w.gateway.metrics().await.unwrap();
     let input: u64 = cases.iter().map(|c| c.4).sum();
@@ -315,7 +450,11 @@ async fn streams_are_charged_and_the_agent_gets_the_stream_it_asked_for() {
     let text: String = data
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_string))
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect();
     assert_eq!(text, FAKE_STREAM_DELTAS.concat());
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
@@ -341,10 +480,19 @@ async fn streams_are_charged_and_the_agent_gets_the_stream_it_asked_for() {
     // The agent's own `include_usage`: nothing changed either way.
     let own = serde_json::json!({"model": "gpt-4o-mini", "stream": true,
         "stream_options": {"include_usage": true}, "messages": []});
-    let r = post(&agent, port, "/v1/chat/completions", &[], serde_json::to_vec(&own).unwrap()).await;
+    let r = post(
+        &agent,
+        port,
+        "/v1/chat/completions",
+        &[],
+        serde_json::to_vec(&own).unwrap(),
+    )
+    .await;
     assert_eq!(llm.requests()[1].body, serde_json::to_vec(&own).unwrap());
     assert_eq!(r.body, llm.responses()[1].to_vec());
-    assert!(sse_data(&r.body).iter().any(|d| d.contains("\"total_tokens\"")));
+    assert!(sse_data(&r.body)
+        .iter()
+        .any(|d| d.contains("\"total_tokens\"")));
     expect_reported(&audit_line(&w, 2).await, "openai", TOKENS / 2, TOKENS / 2);
     assert_eq!(tokens_used(&w, "llm", 2 * TOKENS).await, 2 * TOKENS);
     w.shutdown().await;
@@ -366,7 +514,14 @@ async fn what_cannot_be_read_is_charged_an_estimate() {
 
     // Upstream 500.
     llm.set_status(Some(500));
-    let r = post(&agent, port, "/v1/chat/completions", &[("accept-encoding", "gzip")], chat("gpt-4o-mini", false)).await;
+    let r = post(
+        &agent,
+        port,
+        "/v1/chat/completions",
+        &[("accept-encoding", "gzip")],
+        chat("gpt-4o-mini", false),
+    )
+    .await;
     assert_eq!(r.status, 500);
     assert_eq!(r.body, llm.responses()[0].to_vec());
     n += 1;
@@ -394,7 +549,12 @@ async fn what_cannot_be_read_is_charged_an_estimate() {
     // An Anthropic stream cut after `message_start` (input tokens known, output not).
     let body = serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "stream": true, "messages": []});
     let _ = agent
-        .request("POST", &format!("http://localhost:{port}/v1/messages"), &[], serde_json::to_vec(&body).unwrap())
+        .request(
+            "POST",
+            &format!("http://localhost:{port}/v1/messages"),
+            &[],
+            serde_json::to_vec(&body).unwrap(),
+        )
         .await;
     n += 1;
     charged += expect_estimated(&audit_line(&w, n).await);
@@ -418,7 +578,14 @@ async fn what_cannot_be_read_is_charged_an_estimate() {
     llm.set_pad_to(0);
 
     // An API that reports no usage at all.
-    let r = post(&agent, echo.addr.port(), "/v1/chat/completions", &[], chat("m", false)).await;
+    let r = post(
+        &agent,
+        echo.addr.port(),
+        "/v1/chat/completions",
+        &[],
+        chat("m", false),
+    )
+    .await;
     assert_eq!(r.status, 200);
     n += 1;
     let echo_charged = expect_estimated(&audit_line(&w, n).await);
@@ -436,9 +603,19 @@ async fn a_10_mib_json_answer_is_charged_what_it_reports() {
         .unwrap();
     let agent = w.agent(RESEARCH).unwrap();
     for (i, accept) in ["identity", "gzip"].iter().enumerate() {
-        let r = post(&agent, port, "/v1/chat/completions", &[("accept-encoding", accept)], chat("gpt-4o-mini", false)).await;
+        let r = post(
+            &agent,
+            port,
+            "/v1/chat/completions",
+            &[("accept-encoding", accept)],
+            chat("gpt-4o-mini", false),
+        )
+        .await;
         assert_eq!(r.status, 200);
-        assert!(r.body == llm.responses()[i].to_vec(), "{accept}: the body changed");
+        assert!(
+            r.body == llm.responses()[i].to_vec(),
+            "{accept}: the body changed"
+        );
         let text = Coding::named(accept).decode(&r.body);
         assert!(text.len() > 10 * 1024 * 1024);
         let line = audit_line(&w, i + 1).await;
@@ -464,29 +641,60 @@ async fn models_are_read_from_compressed_bodies_and_gemini_paths() {
     .unwrap();
     let agent = w.agent(RESEARCH).unwrap();
     let gz = |b: Vec<u8>| Coding::Gzip.encode(&b);
-    let r = post(&agent, port, "/v1/chat/completions", &[("content-encoding", "gzip")], gz(chat("gpt-4o", false))).await;
+    let r = post(
+        &agent,
+        port,
+        "/v1/chat/completions",
+        &[("content-encoding", "gzip")],
+        gz(chat("gpt-4o", false)),
+    )
+    .await;
     assert_eq!(r.status, 403);
     let j = r.json().unwrap();
     assert_eq!(j["error"]["type"], "egress_denied", "{j}");
     assert_eq!(j["error"]["code"], "model_not_allowed", "{j}");
     assert_eq!(j["error"]["message"], "model \"gpt-4o\" not allowed", "{j}");
-    assert!(j["error"]["trace_id"].as_str().is_some_and(|t| t.len() == 32), "{j}");
-    let r = post(&agent, port, "/v1/chat/completions", &[("content-encoding", "gzip")], gz(chat("gpt-4o-mini", false))).await;
+    assert!(
+        j["error"]["trace_id"]
+            .as_str()
+            .is_some_and(|t| t.len() == 32),
+        "{j}"
+    );
+    let r = post(
+        &agent,
+        port,
+        "/v1/chat/completions",
+        &[("content-encoding", "gzip")],
+        gz(chat("gpt-4o-mini", false)),
+    )
+    .await;
     assert_eq!(r.status, 200);
     // Forwarded as the agent sent it.
     assert_eq!(llm.requests()[0].body, gz(chat("gpt-4o-mini", false)));
     expect_reported(&audit_line(&w, 2).await, "openai", TOKENS / 2, TOKENS / 2);
 
-    let r = post(&agent, port, "/v1/chat/completions", &[("content-encoding", "compress")], chat("gpt-4o-mini", false)).await;
+    let r = post(
+        &agent,
+        port,
+        "/v1/chat/completions",
+        &[("content-encoding", "compress")],
+        chat("gpt-4o-mini", false),
+    )
+    .await;
     assert_eq!(r.status, 415);
     assert_eq!(r.json().unwrap()["error"]["type"], "unsupported_media_type");
 
     // The path names the model the upstream runs, whatever the body says.
     let gemini = |m: &str| format!("/v1beta/models/{m}:generateContent");
-    let body = serde_json::to_vec(&serde_json::json!({"model": "gemini-2.0-flash", "contents": []})).unwrap();
+    let body =
+        serde_json::to_vec(&serde_json::json!({"model": "gemini-2.0-flash", "contents": []}))
+            .unwrap();
     let r = post(&agent, port, &gemini("gemini-2.5-pro"), &[], body.clone()).await;
     assert_eq!(r.status, 403);
-    assert!(r.json().unwrap()["error"]["message"].as_str().unwrap().contains("gemini-2.5-pro"));
+    assert!(r.json().unwrap()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("gemini-2.5-pro"));
     let r = post(&agent, port, &gemini("gemini-2.0-flash"), &[], body).await;
     assert_eq!(r.status, 200);
     let lines = w.gateway.wait_for_audit(5).await;
@@ -498,7 +706,12 @@ async fn models_are_read_from_compressed_bodies_and_gemini_paths() {
 // === through the sidecar ===
 
 /// A plain-HTTP proxy request, as an agent beside the sidecar sends it.
-async fn via_proxy(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> AgentResponse {
+async fn via_proxy(
+    proxy: std::net::SocketAddr,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> AgentResponse {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
@@ -506,22 +719,41 @@ async fn via_proxy(proxy: std::net::SocketAddr, url: &str, headers: &[(&str, &st
         .unwrap();
     tokio::spawn(conn);
     let uri: hyper::Uri = url.parse().unwrap();
-    let mut req = hyper::Request::post(uri.clone()).header("host", uri.authority().unwrap().as_str());
+    let mut req =
+        hyper::Request::post(uri.clone()).header("host", uri.authority().unwrap().as_str());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     let resp = send
-        .send_request(req.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap())
+        .send_request(
+            req.body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                .unwrap(),
+        )
         .await
         .unwrap();
     let status = resp.status().as_u16();
     let headers = resp
         .headers()
         .iter()
-        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).to_string()))
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
         .collect();
-    let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-    AgentResponse { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes()
+        .to_vec();
+    AgentResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,13 +767,27 @@ async fn through_the_sidecar_a_compressed_stream_is_charged() {
     let url = format!("http://localhost:{port}/v1/messages");
     let body = serde_json::to_vec(&serde_json::json!({"model": "claude-haiku-4-5", "max_tokens": 64, "stream": true, "messages": []})).unwrap();
     for i in 0..2 {
-        let r = via_proxy(sidecar.listen_addr(), &url, &[("accept-encoding", "br"), ("content-type", "application/json")], body.clone()).await;
+        let r = via_proxy(
+            sidecar.listen_addr(),
+            &url,
+            &[
+                ("accept-encoding", "br"),
+                ("content-type", "application/json"),
+            ],
+            body.clone(),
+        )
+        .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.header("content-encoding"), Some("br"));
         assert_eq!(r.body, llm.responses()[i].to_vec());
         let text = String::from_utf8_lossy(&Coding::Br.decode(&r.body)).to_string();
         assert!(text.contains("message_stop"), "{text}");
-        expect_reported(&audit_line(&w, i + 1).await, "anthropic", TOKENS / 2, TOKENS / 2);
+        expect_reported(
+            &audit_line(&w, i + 1).await,
+            "anthropic",
+            TOKENS / 2,
+            TOKENS / 2,
+        );
     }
     assert_eq!(tokens_used(&w, "llm", 2 * TOKENS).await, 2 * TOKENS);
     // Spent: the SDK-shaped 429 reaches the agent through the sidecar.
@@ -549,7 +795,13 @@ async fn through_the_sidecar_a_compressed_stream_is_charged() {
     assert_eq!(r.status, 429);
     let j = r.json().unwrap();
     assert_eq!(j["error"]["type"], "rate_limited", "{j}");
-    assert!(j["error"]["message"].as_str().unwrap().contains("LLM tokens"), "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("LLM tokens"),
+        "{j}"
+    );
     sidecar.shutdown().await;
     w.shutdown().await;
 }
@@ -664,7 +916,14 @@ async fn the_openai_sdk_streaming_with_defaults_is_charged() {
     let seen = s.llm.upstream.requests();
     assert_eq!(seen.len(), 2, "{seen:#?}");
     // The SDK's defaults, as the API got them.
-    assert!(seen[0].header("accept-encoding").unwrap_or_default().contains("gzip"), "{:?}", seen[0]);
+    assert!(
+        seen[0]
+            .header("accept-encoding")
+            .unwrap_or_default()
+            .contains("gzip"),
+        "{:?}",
+        seen[0]
+    );
     let stream: Value = serde_json::from_slice(&seen[1].body).unwrap();
     assert_eq!(stream["stream"], true);
     assert_eq!(stream["stream_options"]["include_usage"], true);
@@ -702,14 +961,20 @@ async fn sdk_shows_the_reason(which: &str, model: &str, denied: &str) {
     let d = steps.step("denied");
     assert_eq!(d["status"], 403, "{}", steps.output);
     let message = d["message"].as_str().unwrap();
-    assert!(message.contains(&format!("model \"{denied}\" not allowed")), "{message}");
+    assert!(
+        message.contains(&format!("model \"{denied}\" not allowed")),
+        "{message}"
+    );
     let l = steps.step("limited");
     assert_eq!(l["status"], 429, "{}", steps.output);
     // Three calls fit; a fourth may start before the third's charge lands.
     let answered = l["answered"].as_u64().unwrap();
     assert!((3..=4).contains(&answered), "{}", steps.output);
     let message = l["message"].as_str().unwrap();
-    assert!(message.contains("of 25 LLM tokens this hour used on pathway"), "{message}");
+    assert!(
+        message.contains("of 25 LLM tokens this hour used on pathway"),
+        "{message}"
+    );
     sidecar.shutdown().await;
     s.world.shutdown().await;
 }

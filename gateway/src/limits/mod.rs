@@ -518,12 +518,20 @@ impl Admission {
         // Counts in this process take no I/O: charged here, without a task per request.
         if self.limits.shared.is_none() || self.local {
             if let (Some(limit), true) = (self.budgets.bytes, bytes > 0) {
-                let total = self.limits.memory.charge(&self.key, LimitKind::BytesPerHour, bytes);
-                self.limits.observe(&self.key, LimitKind::BytesPerHour, total, limit);
+                let total = self
+                    .limits
+                    .memory
+                    .charge(&self.key, LimitKind::BytesPerHour, bytes);
+                self.limits
+                    .observe(&self.key, LimitKind::BytesPerHour, total, limit);
             }
             if let (Some(limit), Some(n)) = (self.budgets.tokens, tokens.filter(|n| *n > 0)) {
-                let total = self.limits.memory.charge(&self.key, LimitKind::LlmTokensPerHour, n);
-                self.limits.observe(&self.key, LimitKind::LlmTokensPerHour, total, limit);
+                let total = self
+                    .limits
+                    .memory
+                    .charge(&self.key, LimitKind::LlmTokensPerHour, n);
+                self.limits
+                    .observe(&self.key, LimitKind::LlmTokensPerHour, total, limit);
             }
             return;
         }

@@ -121,7 +121,8 @@ impl<W: Write> Decoder<W> {
                 return;
             };
             // RFC 1950: CM = 8 and the header checksum; otherwise it is raw deflate.
-            let zlib = head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
+            let zlib =
+                head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
             self.state = if zlib {
                 State::Zlib(Box::new(flate2::write::ZlibDecoder::new(sink)))
             } else {
@@ -201,7 +202,9 @@ impl<W: Write> Decoder<W> {
 
 fn zstd_decoder<W: Write>(sink: W) -> Result<zstd::stream::write::Decoder<'static, W>, W> {
     let raw = zstd::stream::raw::Decoder::new().and_then(|mut raw| {
-        raw.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))?;
+        raw.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(
+            ZSTD_WINDOW_LOG_MAX,
+        ))?;
         Ok(raw)
     });
     match raw {
@@ -268,7 +271,8 @@ impl Write for Bounded {
 mod tests {
     use super::*;
 
-    const TEXT: &[u8] = br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+    const TEXT: &[u8] =
+        br#"{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
 
     fn headers(v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -341,7 +345,10 @@ mod tests {
             decode_all(Coding::Gzip, &packed, 1000),
             Err(DecodeError::TooLarge(1000))
         ));
-        assert_eq!(decode_all(Coding::Gzip, &packed, 1 << 20).unwrap().len(), 1 << 20);
+        assert_eq!(
+            decode_all(Coding::Gzip, &packed, 1 << 20).unwrap().len(),
+            1 << 20
+        );
         assert!(matches!(
             decode_all(Coding::Br, b"junk", 100),
             Err(DecodeError::Invalid(Coding::Br))

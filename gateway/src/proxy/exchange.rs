@@ -335,10 +335,16 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
         attrs.push(KeyValue::new("gen_ai.response.model", model.clone()));
     }
     if let Some(n) = r.llm_input_tokens {
-        attrs.push(KeyValue::new("gen_ai.usage.input_tokens", i64::try_from(n).unwrap_or(i64::MAX)));
+        attrs.push(KeyValue::new(
+            "gen_ai.usage.input_tokens",
+            i64::try_from(n).unwrap_or(i64::MAX),
+        ));
     }
     if let Some(n) = r.llm_output_tokens {
-        attrs.push(KeyValue::new("gen_ai.usage.output_tokens", i64::try_from(n).unwrap_or(i64::MAX)));
+        attrs.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            i64::try_from(n).unwrap_or(i64::MAX),
+        ));
     }
     if let Some(source) = r.llm_usage_source {
         attrs.push(KeyValue::new("egress.llm_usage_source", source));

@@ -163,9 +163,10 @@ impl ReqBody {
             ReqBody::Buffered(b) => super::refusal::full(b),
             ReqBody::Partial(head, rest) => {
                 let head = futures::stream::iter([Ok(hyper::body::Frame::data(head))]);
-                http_body_util::StreamBody::new(
-                    futures::StreamExt::chain(head, http_body_util::BodyStream::new(rest)),
-                )
+                http_body_util::StreamBody::new(futures::StreamExt::chain(
+                    head,
+                    http_body_util::BodyStream::new(rest),
+                ))
                 .boxed()
             }
         }
@@ -446,12 +447,16 @@ impl Proxy {
                         parts.headers.remove(&name);
                         parts.headers.insert(name, v);
                     }
-                    // Never forward without the credential.
+                    // Never forward without the credential; the file's name is in the
+                    // log and the metric, not in what the agent sees.
                     Err(e) => {
+                        tracing::warn!(pathway = %pathway_name, error = %e, "credential unavailable");
                         return refuse(
                             ex,
-                            Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {e}")),
-                        )
+                            Refusal::CredentialUnavailable(format!(
+                                "credential unavailable: {pathway_name}"
+                            )),
+                        );
                     }
                 }
             }
@@ -466,6 +471,18 @@ impl Proxy {
             }
             profile = match self.upstream_tls.profile(up).await {
                 Ok(prof) => prof,
+                Err(
+                    e @ (crate::upstream::OriginationError::CaFile(_)
+                    | crate::upstream::OriginationError::CaEmpty { .. }),
+                ) => {
+                    tracing::warn!(pathway = %pathway_name, error = %e, "trust anchor unavailable");
+                    return refuse(
+                        ex,
+                        Refusal::CredentialUnavailable(format!(
+                            "credential unavailable: {pathway_name}"
+                        )),
+                    );
+                }
                 Err(e) => {
                     return refuse(
                         ex,

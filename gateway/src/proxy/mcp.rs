@@ -10,7 +10,8 @@
 //! that ends a session) are decided as a whole and pass through, their streams filtered
 //! the same way. Anything on an MCP pathway that is not valid JSON-RPC is refused.
 
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
@@ -575,70 +576,76 @@ impl ResponsePlan {
         )
     }
 
-    /// What an answer lists, if it is one to filter.
-    fn kind_of(
-        &mut self,
-        id: Option<&RawValue>,
-        result: &BTreeMap<String, &RawValue>,
-    ) -> Option<ListKind> {
+    /// What an answer lists, if it is one to filter: by the `id` of a forwarded list
+    /// request, or (on the server's own stream) by its shape.
+    fn kind_of(&mut self, id: Option<&RawValue>, result: &ResultFields<'_>) -> Option<ListKind> {
         let id = id.and_then(|i| serde_json::from_str::<Value>(i.get()).ok());
         if let Some(kind) = id.and_then(|i| self.lists.remove(&i.to_string())) {
             return Some(kind);
         }
         if self.any_list {
-            return ListKind::ALL
-                .into_iter()
-                .find(|k| result.contains_key(k.key()));
+            return ListKind::ALL.into_iter().find(|k| {
+                result
+                    .0
+                    .iter()
+                    .any(|(key, v)| key == k.key() && matches!(v, ResultField::List(_)))
+            });
         }
         None
     }
 
-    fn allows(&self, kind: ListKind, item: &Item<'_>) -> bool {
+    /// Whether the pathway's lists allow a listed item (an item without its naming
+    /// field, or with it twice, is hidden: fail closed).
+    fn allows(&self, kind: ListKind, item: &str) -> bool {
         let Some(rules) = self.pathway.mcp.as_ref() else {
             return true;
         };
-        match kind {
-            ListKind::Tools => item.name.as_deref().is_some_and(|n| rules.allows_tool(n)),
-            ListKind::Prompts => item.name.as_deref().is_some_and(|n| rules.allows_prompt(n)),
-            ListKind::Resources => item
-                .uri
-                .as_deref()
-                .is_some_and(|u| rules.allows_resource(u)),
-            ListKind::ResourceTemplates => item
-                .uri_template
-                .as_deref()
-                .is_some_and(|u| rules.allows_resource(u)),
-        }
+        let field = match kind {
+            ListKind::Tools | ListKind::Prompts => "name",
+            ListKind::Resources => "uri",
+            ListKind::ResourceTemplates => "uriTemplate",
+        };
+        member_str(item, field).is_some_and(|v| match kind {
+            ListKind::Tools => rules.allows_tool(&v),
+            ListKind::Prompts => rules.allows_prompt(&v),
+            ListKind::Resources | ListKind::ResourceTemplates => rules.allows_resource(&v),
+        })
     }
 
     /// Filters one JSON-RPC message of the server's, if it answers a list request.
-    /// `Ok(None)`: unchanged. `Err`: not JSON-RPC.
+    /// `Ok(None)`: unchanged. `Err`: not JSON-RPC (or a list answer that cannot be
+    /// filtered), which callers refuse rather than pass.
     fn rewrite_message(&mut self, text: &str) -> Result<Option<String>, serde_json::Error> {
         if !self.filters() {
             return Ok(None);
         }
-        let msg: BTreeMap<String, &RawValue> = serde_json::from_str(text)?;
-        let Some(result) = msg.get("result") else {
+        // One pass over the message: every member kept as written, list items apart.
+        let msg: Answer<'_> = serde_json::from_str(text)?;
+        let mut id = None;
+        let mut result = None;
+        for (k, v) in &msg.0 {
+            match (k.as_ref(), v) {
+                ("id", AnswerField::Raw(raw)) => id = Some(*raw),
+                (_, AnswerField::Result(r)) => result = Some(r),
+                _ => {}
+            }
+        }
+        let Some(result) = result else {
             return Ok(None);
         };
-        // An answer's `result` is an object; anything else is left to the client.
-        let Ok(fields) = serde_json::from_str::<BTreeMap<String, &RawValue>>(result.get()) else {
-            return Ok(None);
-        };
-        let Some(kind) = self.kind_of(msg.get("id").copied(), &fields) else {
+        let Some(kind) = self.kind_of(id, result) else {
             return Ok(None);
         };
         let mut out = String::with_capacity(text.len());
         out.push('{');
-        for (i, (k, v)) in msg.iter().enumerate() {
+        for (i, (k, v)) in msg.0.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
             push_key(&mut out, k);
-            if k == "result" {
-                self.filter_result(&mut out, kind, &fields)?;
-            } else {
-                out.push_str(v.get());
+            match v {
+                AnswerField::Raw(raw) => out.push_str(raw.get()),
+                AnswerField::Result(r) => self.filter_result(&mut out, kind, r)?,
             }
         }
         out.push('}');
@@ -649,34 +656,43 @@ impl ResponsePlan {
         &self,
         out: &mut String,
         kind: ListKind,
-        fields: &BTreeMap<String, &RawValue>,
+        result: &ResultFields<'_>,
     ) -> Result<(), serde_json::Error> {
+        use serde::de::Error as _;
         out.push('{');
-        for (i, (k, v)) in fields.iter().enumerate() {
+        for (i, (k, v)) in result.0.iter().enumerate() {
             if i > 0 {
                 out.push(',');
             }
             push_key(out, k);
-            if k != kind.key() {
-                out.push_str(v.get());
-                continue;
-            }
-            let items: Vec<&RawValue> = serde_json::from_str(v.get())?;
-            out.push('[');
-            let mut first = true;
-            for raw in items {
-                // An item that does not parse is hidden (fail closed).
-                let keep = serde_json::from_str::<Item<'_>>(raw.get())
-                    .is_ok_and(|item| self.allows(kind, &item));
-                if keep {
-                    if !first {
-                        out.push(',');
+            match v {
+                ResultField::Raw(raw) => out.push_str(raw.get()),
+                ResultField::List(items) if k == kind.key() => {
+                    out.push('[');
+                    let mut first = true;
+                    for raw in items.iter().filter(|r| self.allows(kind, r.get())) {
+                        if !first {
+                            out.push(',');
+                        }
+                        first = false;
+                        out.push_str(raw.get());
                     }
-                    first = false;
-                    out.push_str(raw.get());
+                    out.push(']');
+                }
+                ResultField::List(items) => {
+                    let all: Vec<&str> = items.iter().map(|r| r.get()).collect();
+                    out.push('[');
+                    out.push_str(&all.join(","));
+                    out.push(']');
+                }
+                // The answer's list is not an array: nothing the client could use.
+                ResultField::Other if k == kind.key() => {
+                    return Err(serde_json::Error::custom("the list is not an array"))
+                }
+                ResultField::Other => {
+                    return Err(serde_json::Error::custom("an unexpected list member"))
                 }
             }
-            out.push(']');
         }
         out.push('}');
         Ok(())
@@ -731,15 +747,213 @@ fn push_key(out: &mut String, k: &str) {
     out.push(':');
 }
 
-/// The naming fields of a listed tool, prompt, resource or template.
-#[derive(serde::Deserialize)]
-struct Item<'a> {
-    #[serde(borrow, default)]
-    name: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    uri: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default, rename = "uriTemplate")]
-    uri_template: Option<std::borrow::Cow<'a, str>>,
+/// A server's JSON-RPC message, read in one pass: its members as written, `result`
+/// apart. Keys given twice are an error: a client reading the last of them must never
+/// see something other than what was checked.
+struct Answer<'a>(Vec<(Cow<'a, str>, AnswerField<'a>)>);
+
+enum AnswerField<'a> {
+    Raw(&'a RawValue),
+    Result(ResultFields<'a>),
+}
+
+/// An answer's `result`: its members as written, the list members' items apart.
+struct ResultFields<'a>(Vec<(Cow<'a, str>, ResultField<'a>)>);
+
+enum ResultField<'a> {
+    Raw(&'a RawValue),
+    /// A `tools`, `resources`, `resourceTemplates` or `prompts` array.
+    List(Vec<&'a RawValue>),
+    /// One of those keys with something other than an array.
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Answer<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Answer<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON-RPC message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(Cow<'de, str>, AnswerField<'de>)> = Vec::new();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(serde::de::Error::custom("duplicate key"));
+                    }
+                    let v = if k == "result" {
+                        AnswerField::Result(m.next_value()?)
+                    } else {
+                        AnswerField::Raw(m.next_value()?)
+                    };
+                    out.push((k, v));
+                }
+                Ok(Answer(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ResultFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ResultFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a result object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out: Vec<(Cow<'de, str>, ResultField<'de>)> = Vec::new();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(serde::de::Error::custom("duplicate key"));
+                    }
+                    let v = if ListKind::ALL.iter().any(|l| l.key() == k) {
+                        m.next_value_seed(ListSeed)?
+                    } else {
+                        ResultField::Raw(m.next_value()?)
+                    };
+                    out.push((k, v));
+                }
+                Ok(ResultFields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A list member: the raw items of an array, or [`ResultField::Other`].
+struct ListSeed;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ListSeed {
+    type Value = ResultField<'de>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ListSeed {
+    type Value = ResultField<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::with_capacity(s.size_hint().unwrap_or(16));
+        while let Some(item) = s.next_element::<&'de RawValue>()? {
+            items.push(item);
+        }
+        Ok(ResultField::List(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        while m
+            .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+            .is_some()
+        {}
+        Ok(ResultField::Other)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(ResultField::Other)
+    }
+}
+
+/// The string value of a top-level member of a JSON object already known to be valid
+/// JSON (an item [`Answer`] read): a scan instead of a second parse. `None` when the
+/// member is missing, not a string, or present twice.
+fn member_str<'a>(obj: &'a str, key: &str) -> Option<Cow<'a, str>> {
+    let b = obj.as_bytes();
+    // The end of the string starting after the quote at `start`, and whether it
+    // holds escapes.
+    let string_end = |start: usize| -> (usize, bool) {
+        let (mut j, mut escaped) = (start, false);
+        while j < b.len() {
+            match b[j] {
+                b'\\' => {
+                    escaped = true;
+                    j += 2;
+                }
+                b'"' => break,
+                _ => j += 1,
+            }
+        }
+        (j.min(b.len()), escaped)
+    };
+    let unescape = |quoted: &'a str| serde_json::from_str::<Cow<'a, str>>(quoted).ok();
+    let (mut i, mut depth, mut found) = (0, 0u32, None);
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                let (end, escaped) = string_end(i + 1);
+                let mut k = end + 1;
+                if depth == 1 {
+                    while b.get(k).is_some_and(u8::is_ascii_whitespace) {
+                        k += 1;
+                    }
+                    if b.get(k) == Some(&b':') {
+                        let name = obj.get(i..=end)?;
+                        let is_key = if escaped {
+                            unescape(name).is_some_and(|n| n == key)
+                        } else {
+                            name.len() == key.len() + 2 && &name[1..name.len() - 1] == key
+                        };
+                        k += 1;
+                        if is_key {
+                            if found.is_some() {
+                                return None;
+                            }
+                            while b.get(k).is_some_and(u8::is_ascii_whitespace) {
+                                k += 1;
+                            }
+                            if b.get(k) != Some(&b'"') {
+                                return None;
+                            }
+                            let (vend, vesc) = string_end(k + 1);
+                            let quoted = obj.get(k..=vend)?;
+                            found = Some(if vesc {
+                                unescape(quoted)?
+                            } else {
+                                Cow::Borrowed(&quoted[1..quoted.len() - 1])
+                            });
+                            k = vend + 1;
+                        }
+                    }
+                }
+                i = k;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                i += 1;
+            }
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    found
 }
 
 /// A JSON answer, read to its end, then rewritten as one frame.
@@ -908,8 +1122,11 @@ impl SseRewrite {
                 s.push_str(nl);
                 Bytes::from(s)
             }
-            // Not a list answer, or not JSON (a priming event): as it came.
-            _ => event.clone(),
+            // Not a list answer, or an event without data (a priming event): as it came.
+            Ok(None) => event.clone(),
+            Err(_) if data.trim().is_empty() => event.clone(),
+            // Fail closed: data the gateway cannot read may be a list it cannot filter.
+            Err(_) => Bytes::new(),
         }
     }
 }
@@ -1077,6 +1294,49 @@ mod tests {
         );
         assert!(!text.contains("\"b\""), "{text}");
         assert!(text.ends_with("data: {\"x\":1}\r\n\r\n"), "{text}");
+    }
+
+    #[test]
+    fn listed_names_are_read_strictly() {
+        let m = |obj: &str| member_str(obj, "name").map(|c| c.into_owned());
+        assert_eq!(m(r#"{"name":"a","x":1}"#).as_deref(), Some("a"));
+        assert_eq!(
+            m(r#"{"inputSchema":{"properties":{"name":{"type":"string"}}},"name" : "b"}"#)
+                .as_deref(),
+            Some("b")
+        );
+        assert_eq!(m(r#"{"n\u0061me":"c\"d"}"#).as_deref(), Some("c\"d"));
+        assert_eq!(
+            m(r#"{"description":"has \"name\": \"x\"","name":"e"}"#).as_deref(),
+            Some("e")
+        );
+        // Missing, not a string, or twice (however spelt): hidden.
+        assert_eq!(m(r#"{"nam":"a"}"#), None);
+        assert_eq!(m(r#"{"name":7}"#), None);
+        assert_eq!(
+            m(r#"{"name":"search_docs","n\u0061me":"delete_repo"}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn answers_that_could_hide_a_list_are_refused() {
+        let mut p = plan(&["a"]);
+        p.any_list = true;
+        // A second `id` or `result` could make the client read something unchecked.
+        let dup = r#"{"jsonrpc":"2.0","id":1,"id":2,"result":{"tools":[{"name":"b"}]}}"#;
+        assert!(p.rewrite_message(dup).is_err());
+        let dup = r#"{"jsonrpc":"2.0","id":1,"result":{"tools":[],"tools":[{"name":"b"}]}}"#;
+        assert!(p.rewrite_message(dup).is_err());
+        // JSON the gateway cannot read is dropped from a filtered stream.
+        let mut s = SseRewrite::new(full(Bytes::new()), p);
+        let mut out = BytesMut::new();
+        s.feed(
+            b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"b\"}],\"x\":NaN}}\n\n",
+            &mut out,
+        );
+        s.feed(b"id: 1\ndata: \n\n", &mut out);
+        assert_eq!(&out[..], b"id: 1\ndata: \n\n");
     }
 
     #[test]

@@ -42,7 +42,9 @@ struct Finisher {
 
 impl Finisher {
     fn accounting(&mut self) -> Option<&mut super::llm::Accounting> {
-        self.pending.as_mut().and_then(|(ex, _)| ex.accounting_mut())
+        self.pending
+            .as_mut()
+            .and_then(|(ex, _)| ex.accounting_mut())
     }
 
     fn finish(&mut self, error: Option<String>) {

@@ -37,6 +37,9 @@ pub enum Refusal {
     HeaderTimeout(String),
     /// A body the pathway must read came in a content coding the gateway cannot decode.
     UnsupportedMediaType(String),
+    /// The pathway's credential (`secret_file`) or trust anchor (`ca_file`) cannot be
+    /// read: this pathway alone is out of service until the file is back.
+    CredentialUnavailable(String),
 }
 
 impl Refusal {
@@ -52,6 +55,7 @@ impl Refusal {
             Refusal::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             Refusal::HeaderTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Refusal::CredentialUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -67,6 +71,7 @@ impl Refusal {
             Refusal::UriTooLong(_) => "uri_too_long",
             Refusal::HeaderTimeout(_) => "request_timeout",
             Refusal::UnsupportedMediaType(_) => "unsupported_media_type",
+            Refusal::CredentialUnavailable(_) => "credential_unavailable",
         }
     }
 
@@ -78,7 +83,8 @@ impl Refusal {
             | Refusal::HeaderTooLarge(r)
             | Refusal::UriTooLong(r)
             | Refusal::HeaderTimeout(r)
-            | Refusal::UnsupportedMediaType(r) => r,
+            | Refusal::UnsupportedMediaType(r)
+            | Refusal::CredentialUnavailable(r) => r,
             Refusal::Denied { reason, .. }
             | Refusal::Limited { reason, .. }
             | Refusal::TooLarge { reason, .. } => reason,

@@ -671,7 +671,10 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().unwrap_or_default();
-    let stderr = child.stderr.take().ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
     let (proxy, admin) = listening_addrs(stderr).await?;
     for _ in 0..100 {
         if admin_get(admin, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200 {
@@ -726,7 +729,9 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
     // Time to the first byte of a stream (events 2 ms apart), as the SDK streams by
     // default: `stream: true`, no `stream_options`, `Accept-Encoding: gzip, deflate`.
     up.upstream.set_stream_delay(Duration::from_millis(2));
-    let stream = br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#.to_vec();
+    let stream =
+        br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
+            .to_vec();
     let mut ttfb: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     for _round in 0..ROUNDS {
         for (i, client) in [&free, &budget].into_iter().enumerate() {
@@ -784,7 +789,10 @@ async fn listening_addrs(
     }
     // Keep draining the log so the gateway never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((proxy.unwrap_or(([0, 0, 0, 0], 0).into()), admin.unwrap_or(([0, 0, 0, 0], 0).into())))
+    Ok((
+        proxy.unwrap_or(([0, 0, 0, 0], 0).into()),
+        admin.unwrap_or(([0, 0, 0, 0], 0).into()),
+    ))
 }
 
 /// User + system CPU seconds of a process, from `/proc/<pid>/stat`.
@@ -793,8 +801,14 @@ fn process_cpu(pid: u32) -> anyhow::Result<f64> {
     // Fields after the command name (which may hold spaces) in parentheses.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
     // USER_HZ is 100 on Linux.
     Ok(ticks / 100.0)
 }
@@ -855,7 +869,13 @@ async fn first_bytes(
             let conn = tokio::spawn(conn);
             while Instant::now() < until {
                 let req = hyper::Request::post(url.as_str())
-                    .header("host", url.trim_start_matches("http://").split('/').next().unwrap_or_default())
+                    .header(
+                        "host",
+                        url.trim_start_matches("http://")
+                            .split('/')
+                            .next()
+                            .unwrap_or_default(),
+                    )
                     .header("content-type", "application/json")
                     .header("accept-encoding", "gzip, deflate")
                     .body(http_body_util::Full::new(Bytes::from(body.clone())))?;
@@ -1023,9 +1043,12 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
     let mut done = [0usize; 2];
     let mut ratios = Vec::new();
     let mut reports: [Vec<Report>; 2] = [Vec::new(), Vec::new()];
-    for _round in 0..ROUNDS {
+    let clients = [&plain, &mcp];
+    for round in 0..ROUNDS {
         let mut per_round = [0f64; 2];
-        for (i, client) in [&plain, &mcp].into_iter().enumerate() {
+        // Which side goes first alternates too, so neither always follows the other.
+        for i in [round % 2, 1 - round % 2] {
+            let client = clients[i];
             let before = process_cpu(pid)?;
             let r = post_mcp(client, &url, &call, a.connections, a.seconds).await;
             let used = process_cpu(pid)? - before;
@@ -1049,8 +1072,9 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
     let mut lat: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     let mut list_cpu = [0f64; 2];
     let mut list_done = [0usize; 2];
-    for _round in 0..ROUNDS {
-        for (i, client) in [&plain, &mcp].into_iter().enumerate() {
+    for round in 0..ROUNDS {
+        for i in [round % 2, 1 - round % 2] {
+            let client = clients[i];
             let before = process_cpu(pid)?;
             let r = post_mcp(client, &url, &list, 1, a.seconds.div_ceil(2)).await;
             list_cpu[i] += process_cpu(pid)? - before;

@@ -153,7 +153,10 @@ pub fn prepare_request(
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(rewritten.len()));
     // The usage chunk is dropped from the plain event stream; a compressed one could
     // not be edited.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     prepared.body = Some(Bytes::from(rewritten));
     prepared.strip_usage_chunk = true;
     Ok(prepared)
@@ -180,9 +183,15 @@ fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     if options.get("include_usage").map(|v| v.get()) == Some("true") {
         return None;
     }
-    options.insert("include_usage".into(), RawValue::from_string("true".into()).ok()?);
+    options.insert(
+        "include_usage".into(),
+        RawValue::from_string("true".into()).ok()?,
+    );
     let options = serde_json::to_string(&options).ok()?;
-    members.insert("stream_options".into(), RawValue::from_string(options).ok()?);
+    members.insert(
+        "stream_options".into(),
+        RawValue::from_string(options).ok()?,
+    );
     serde_json::to_vec(&members).ok()
 }
 
@@ -355,11 +364,20 @@ mod tests {
 
     #[test]
     fn providers_by_path() {
-        assert_eq!(Provider::for_path("/v1/chat/completions"), Some(Provider::OpenAi));
-        assert_eq!(Provider::for_path("/v1/completions"), Some(Provider::OpenAi));
+        assert_eq!(
+            Provider::for_path("/v1/chat/completions"),
+            Some(Provider::OpenAi)
+        );
+        assert_eq!(
+            Provider::for_path("/v1/completions"),
+            Some(Provider::OpenAi)
+        );
         assert_eq!(Provider::for_path("/v1/responses"), Some(Provider::OpenAi));
         assert_eq!(Provider::for_path("/v1/embeddings"), Some(Provider::OpenAi));
-        assert_eq!(Provider::for_path("/v1/messages"), Some(Provider::Anthropic));
+        assert_eq!(
+            Provider::for_path("/v1/messages"),
+            Some(Provider::Anthropic)
+        );
         assert_eq!(
             Provider::for_path("/v1beta/models/gemini-2.0-flash:streamGenerateContent"),
             Some(Provider::Gemini)
@@ -378,7 +396,10 @@ mod tests {
         let with_options = br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
         let v: serde_json::Value =
             serde_json::from_slice(&add_include_usage(with_options).unwrap()).unwrap();
-        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
         assert_eq!(
             add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
             None
@@ -392,7 +413,10 @@ mod tests {
     fn a_streaming_request_is_rewritten_with_its_headers() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(10u32));
-        h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip, deflate"));
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, deflate"),
+        );
         let body = Bytes::from_static(br#"{"model":"m","stream":true}"#);
         let p = prepare_request("/v1/chat/completions", &mut h, &body, 1 << 20).unwrap();
         let new = p.body.unwrap();
@@ -409,7 +433,14 @@ mod tests {
     fn the_estimate_is_a_token_per_four_bytes_and_never_zero() {
         assert_eq!(estimate(0, 0).total, 1);
         assert_eq!(estimate(4, 0).total, 1);
-        assert_eq!(estimate(5, 8), Usage { input: 2, output: 2, total: 4 });
+        assert_eq!(
+            estimate(5, 8),
+            Usage {
+                input: 2,
+                output: 2,
+                total: 4
+            }
+        );
         assert_eq!(estimate(4000, 400).total, 1100);
     }
 }

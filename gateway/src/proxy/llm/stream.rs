@@ -39,7 +39,10 @@ impl<B> StripUsageChunk<B> {
 /// Where the complete events in `buf` end (after the blank line that ends the last).
 fn complete_prefix(buf: &[u8]) -> usize {
     let lf = buf.windows(2).rposition(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).rposition(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let crlf = buf
+        .windows(4)
+        .rposition(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
     lf.max(crlf).unwrap_or(0)
 }
 
@@ -52,8 +55,7 @@ fn is_usage_only(event: &[u8]) -> bool {
     let Some(data) = data_lines.next() else {
         return false;
     };
-    if data_lines.next().is_some() || !carries_usage(data) || find(data, b"\"choices\"").is_none()
-    {
+    if data_lines.next().is_some() || !carries_usage(data) || find(data, b"\"choices\"").is_none() {
         return false;
     }
     serde_json::from_slice::<Value>(data).is_ok_and(|v| {

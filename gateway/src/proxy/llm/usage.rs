@@ -80,7 +80,10 @@ impl Found {
         }
         if let Some(u) = v.get("usageMetadata").filter(|u| u.is_object()) {
             self.provider = Some(Provider::Gemini);
-            let input = sum([num(u, "promptTokenCount"), num(u, "toolUsePromptTokenCount")]);
+            let input = sum([
+                num(u, "promptTokenCount"),
+                num(u, "toolUsePromptTokenCount"),
+            ]);
             let output = sum([num(u, "candidatesTokenCount"), num(u, "thoughtsTokenCount")]);
             max_into(&mut self.input, input);
             max_into(&mut self.output, output);
@@ -140,7 +143,13 @@ impl Found {
 }
 
 /// The top-level members of a JSON response that carry usage and model.
-const KEYS: [&[u8]; 5] = [b"usage", b"usageMetadata", b"model", b"modelVersion", b"type"];
+const KEYS: [&[u8]; 5] = [
+    b"usage",
+    b"usageMetadata",
+    b"model",
+    b"modelVersion",
+    b"type",
+];
 /// A kept member's value larger than this is dropped (a usage object is tiny).
 const MAX_MEMBER: usize = 64 * 1024;
 /// An SSE line longer than this is skipped.
@@ -514,25 +523,53 @@ mod tests {
         let chat = r#"{"id":"x","object":"chat.completion","model":"gpt-4o-mini-2024","choices":[{"message":{"content":"the \"usage\" {is} [here]"}}],"usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
         assert_eq!(
             usage("application/json", chat),
-            Some(Usage { input: 12, output: 30, total: 42 })
+            Some(Usage {
+                input: 12,
+                output: 30,
+                total: 42
+            })
         );
         let f = parse("application/json", chat.as_bytes(), 5);
         assert_eq!(f.model.as_deref(), Some("gpt-4o-mini-2024"));
         let embeddings = r#"{"object":"list","data":[{"embedding":[0.1,-2e-3]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         assert_eq!(
             usage("application/json", embeddings),
-            Some(Usage { input: 8, output: 0, total: 8 })
+            Some(Usage {
+                input: 8,
+                output: 0,
+                total: 8
+            })
         );
         let responses = r#"{"id":"resp_1","object":"response","model":"gpt-4.1","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":9,"input_tokens_details":{"cached_tokens":4},"output_tokens":11,"total_tokens":20}}"#;
         assert_eq!(
             usage("application/json", responses),
-            Some(Usage { input: 9, output: 11, total: 20 })
+            Some(Usage {
+                input: 9,
+                output: 11,
+                total: 20
+            })
         );
-        assert_eq!(usage("application/json", r#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#).map(|u| u.total), Some(5));
+        assert_eq!(
+            usage(
+                "application/json",
+                r#"{"usage":{"prompt_tokens":2,"completion_tokens":3}}"#
+            )
+            .map(|u| u.total),
+            Some(5)
+        );
         assert_eq!(usage("application/json", "not json"), None);
-        assert_eq!(usage("application/json", r#"{"error":{"message":"boom"}}"#), None);
+        assert_eq!(
+            usage("application/json", r#"{"error":{"message":"boom"}}"#),
+            None
+        );
         // A nested `usage` is not the response's.
-        assert_eq!(usage("application/json", r#"{"data":{"usage":{"total_tokens":9}}}"#), None);
+        assert_eq!(
+            usage(
+                "application/json",
+                r#"{"data":{"usage":{"total_tokens":9}}}"#
+            ),
+            None
+        );
     }
 
     #[test]
@@ -540,7 +577,11 @@ mod tests {
         let body = r#"{"id":"msg","type":"message","model":"claude-haiku-4-5","content":[{"type":"text","text":"x"}],"usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":20,"output_tokens":7}}"#;
         assert_eq!(
             usage("application/json", body),
-            Some(Usage { input: 35, output: 7, total: 42 })
+            Some(Usage {
+                input: 35,
+                output: 7,
+                total: 42
+            })
         );
         assert_eq!(
             parse("application/json", body.as_bytes(), 4).provider,
@@ -553,13 +594,21 @@ mod tests {
         let one = r#"{"candidates":[{"content":{"parts":[{"text":"hi"}]}}],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"thoughtsTokenCount":2,"totalTokenCount":12},"modelVersion":"gemini-2.0-flash"}"#;
         assert_eq!(
             usage("application/json", one),
-            Some(Usage { input: 4, output: 8, total: 12 })
+            Some(Usage {
+                input: 4,
+                output: 8,
+                total: 12
+            })
         );
         let array = r#"[{"candidates":[],"usageMetadata":{"promptTokenCount":4}},
                         {"candidates":[],"usageMetadata":{"promptTokenCount":4,"candidatesTokenCount":6,"totalTokenCount":10},"modelVersion":"gemini-2.0-flash"}]"#;
         assert_eq!(
             usage("application/json", array),
-            Some(Usage { input: 4, output: 6, total: 10 })
+            Some(Usage {
+                input: 4,
+                output: 6,
+                total: 10
+            })
         );
         let f = parse("application/json", array.as_bytes(), 2);
         assert_eq!(f.model.as_deref(), Some("gemini-2.0-flash"));
@@ -571,21 +620,40 @@ mod tests {
         let openai = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
                       data: {\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\r\n\r\n\
                       data: [DONE]\n\n";
-        assert_eq!(usage("text/event-stream; charset=utf-8", openai).map(|u| u.total), Some(12));
-        assert_eq!(usage("text/event-stream", "data: {\"choices\":[],\"usage\":null}\n\n"), None);
+        assert_eq!(
+            usage("text/event-stream; charset=utf-8", openai).map(|u| u.total),
+            Some(12)
+        );
+        assert_eq!(
+            usage(
+                "text/event-stream",
+                "data: {\"choices\":[],\"usage\":null}\n\n"
+            ),
+            None
+        );
         let anthropic = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude\",\"usage\":{\"input_tokens\":25,\"output_tokens\":1}}}\n\n\
                          event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"x\"}}\n\n\
                          event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n";
         assert_eq!(
             usage("text/event-stream", anthropic),
-            Some(Usage { input: 25, output: 15, total: 40 })
+            Some(Usage {
+                input: 25,
+                output: 15,
+                total: 40
+            })
         );
         let responses = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":null}}\n\n\
                          event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4.1\",\"usage\":{\"input_tokens\":3,\"output_tokens\":4,\"total_tokens\":7}}}\n\n";
-        assert_eq!(usage("text/event-stream", responses).map(|u| u.total), Some(7));
+        assert_eq!(
+            usage("text/event-stream", responses).map(|u| u.total),
+            Some(7)
+        );
         let gemini = "data: {\"usageMetadata\":{\"promptTokenCount\":3},\"modelVersion\":\"gemini-2.0-flash\"}\r\n\r\n\
                       data: {\"usageMetadata\":{\"promptTokenCount\":3,\"candidatesTokenCount\":9,\"totalTokenCount\":12}}\r\n\r\n";
-        assert_eq!(usage("text/event-stream", gemini).map(|u| u.total), Some(12));
+        assert_eq!(
+            usage("text/event-stream", gemini).map(|u| u.total),
+            Some(12)
+        );
     }
 
     #[test]
