@@ -57,6 +57,8 @@ struct RawConfig {
     #[serde(default)]
     limits: RawResourceLimits,
     #[serde(default)]
+    upstream_pool: RawUpstreamPool,
+    #[serde(default)]
     allow_cidrs: Vec<String>,
     shutdown_grace: Option<String>,
     interception: Option<RawInterception>,
@@ -107,6 +109,13 @@ struct RawResourceLimits {
     max_header_bytes: Option<usize>,
 }
 
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamPool {
+    max_idle_per_destination: Option<usize>,
+    idle_timeout: Option<String>,
+}
+
 /// Where audit lines go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditSink {
@@ -135,6 +144,24 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Time to an upstream's response headers (a pathway may set its own).
     pub response: Duration,
+}
+
+/// The keep-alive pool of upstream connections for forwarded HTTP requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamPool {
+    /// Idle connections kept per destination; a burst of concurrent agent connections
+    /// above it closes the surplus after use, and the next burst dials them again.
+    pub max_idle_per_destination: usize,
+    pub idle_timeout: Duration,
+}
+
+impl Default for UpstreamPool {
+    fn default() -> Self {
+        UpstreamPool {
+            max_idle_per_destination: 256,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +218,7 @@ pub struct GatewayConfig {
     pub limits_backend: String,
     pub on_backend_error: OnBackendError,
     pub resource_limits: ResourceLimits,
+    pub upstream_pool: UpstreamPool,
     pub shutdown_grace: Duration,
     /// Ranges every pathway may reach despite the address guard (development
     /// clusters, tests); empty by default.
@@ -457,6 +485,19 @@ impl GatewayConfig {
                 "must be at least 8192 (the HTTP/1 parser's minimum buffer)".into(),
             ));
         }
+        let pool_default = UpstreamPool::default();
+        let upstream_pool = UpstreamPool {
+            max_idle_per_destination: positive(
+                "upstream_pool.max_idle_per_destination",
+                raw.upstream_pool.max_idle_per_destination,
+                pool_default.max_idle_per_destination,
+            )?,
+            idle_timeout: duration(
+                "upstream_pool.idle_timeout",
+                raw.upstream_pool.idle_timeout.as_ref(),
+                pool_default.idle_timeout,
+            )?,
+        };
         let shutdown_grace = duration(
             "shutdown_grace",
             raw.shutdown_grace.as_ref(),
@@ -532,6 +573,7 @@ impl GatewayConfig {
             limits_backend,
             on_backend_error,
             resource_limits,
+            upstream_pool,
             shutdown_grace,
             allow_cidrs,
             interception,
@@ -659,6 +701,36 @@ on_backend_error: deny
         assert_eq!(cfg.timeouts.idle, Duration::from_secs(300));
         assert_eq!(cfg.telemetry.audit_log, AuditSink::Stdout);
         assert_eq!(cfg.on_backend_error, OnBackendError::Deny);
+    }
+
+    #[test]
+    fn upstream_pool_defaults_and_overrides() {
+        let cfg = load("policy: p.yaml\n").unwrap();
+        assert_eq!(cfg.upstream_pool, UpstreamPool::default());
+        assert_eq!(cfg.upstream_pool.max_idle_per_destination, 256);
+        let cfg = load(
+            "policy: p.yaml\nupstream_pool: { max_idle_per_destination: 512, idle_timeout: 30s }\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.upstream_pool.max_idle_per_destination, 512);
+        assert_eq!(cfg.upstream_pool.idle_timeout, Duration::from_secs(30));
+        for (yaml, key) in [
+            (
+                "policy: p.yaml\nupstream_pool: { max_idle_per_destination: 0 }\n",
+                "`upstream_pool.max_idle_per_destination`",
+            ),
+            (
+                "policy: p.yaml\nupstream_pool: { idle_timeout: later }\n",
+                "`upstream_pool.idle_timeout`",
+            ),
+            (
+                "policy: p.yaml\nupstream_pool: { max_idle: 3 }\n",
+                "max_idle",
+            ),
+        ] {
+            let err = load(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
     }
 
     #[test]

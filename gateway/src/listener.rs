@@ -73,6 +73,8 @@ impl Listener {
             };
             let Ok(permit) = this.connections.clone().try_acquire_owned() else {
                 tracing::warn!(peer = %addr, limit = this.limits.max_connections, "connection limit reached; closing new connection");
+                // Before the handshake: no TLS work is spent on a connection that is refused.
+                this.metrics.global_connection_limit_refusals.inc();
                 drop(tcp);
                 continue;
             };
@@ -126,18 +128,20 @@ impl Listener {
                 return;
             }
         };
-        let Some(agent_slot) = AgentSlot::take(
+        let agent_slot = AgentSlot::take(
             &self.per_agent,
             &spiffe_id,
             self.limits.max_connections_per_agent,
-        ) else {
-            tracing::warn!(peer = %addr, spiffe_id = %spiffe_id, limit = self.limits.max_connections_per_agent, "per-agent connection limit reached; closing");
-            return;
-        };
+        );
         let peer = Arc::new(PeerIdentity {
             spiffe_id,
             address: addr,
         });
+        let Some(agent_slot) = agent_slot else {
+            tracing::warn!(peer = %addr, spiffe_id = %peer.spiffe_id, limit = self.limits.max_connections_per_agent, "per-agent connection limit reached; answering 429 and closing");
+            self.refuse_over_agent_cap(tls, peer).await;
+            return;
+        };
         tracing::debug!(peer = %addr, spiffe_id = %peer.spiffe_id, "mTLS connection accepted");
         let _active = GaugeGuard::new(&self.metrics.active_connections);
 
@@ -195,6 +199,31 @@ impl Listener {
                 let _ = conn.await;
             }
         }
+    }
+}
+
+impl Listener {
+    /// Serves one request on a connection over the per-agent cap with `429`, then closes.
+    async fn refuse_over_agent_cap(
+        &self,
+        tls: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: Arc<PeerIdentity>,
+    ) {
+        let proxy = self.proxy.clone();
+        let max = self.limits.max_connections_per_agent;
+        let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let response = proxy.refuse_over_connection_cap(&req, &peer, max);
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.timeouts.request_header)
+            .max_buf_size(self.limits.max_header_bytes)
+            .keep_alive(false);
+        let conn = builder.serve_connection(TokioIo::new(tls), service);
+        // Bounded: a client that sends nothing must not keep the refused connection.
+        let _ = tokio::time::timeout(self.timeouts.request_header, conn).await;
     }
 }
 

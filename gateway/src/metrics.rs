@@ -161,6 +161,8 @@ pub struct Metrics {
     pub interception_leaf_mints: Counter,
     pub pathway_unavailable: Family<PathwayLabels, Gauge>,
     pub llm_tokens: Family<TokenLabels, Counter>,
+    pub upstream_connections: Counter,
+    pub global_connection_limit_refusals: Counter,
     limits_reader: std::sync::OnceLock<LimitsReader>,
     token_pathways_reader: std::sync::OnceLock<TokenPathwaysReader>,
 }
@@ -328,7 +330,21 @@ impl Metrics {
             "1 while an L7 pathway's secret_file or ca_file cannot be read (its requests get 503), else 0",
             pathway_unavailable.clone(),
         );
+        let upstream_connections = Counter::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections the forwarding pool dialed (tunnels dial their own); rising under steady keep-alive traffic means the pool churns",
+            upstream_connections.clone(),
+        );
+        let global_connection_limit_refusals = Counter::default();
+        registry.register(
+            "global_connection_limit_refusals",
+            "Connections closed before the TLS handshake because limits.max_connections were open",
+            global_connection_limit_refusals.clone(),
+        );
         Metrics {
+            upstream_connections,
+            global_connection_limit_refusals,
             mcp_calls,
             connections_closed,
             interception_leaf_mints,

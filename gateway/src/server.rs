@@ -43,7 +43,9 @@ pub enum StartError {
 
 /// At every policy load: which L7 pathways' files do not load (those pathways alone are
 /// out of service; the policy itself is never rejected for it).
-fn availability_check(availability: &Arc<crate::upstream::Availability>) -> crate::policy_store::LoadCheck {
+fn availability_check(
+    availability: &Arc<crate::upstream::Availability>,
+) -> crate::policy_store::LoadCheck {
     let availability = availability.clone();
     Arc::new(move |policy: Arc<egress_policy::Policy>| {
         let availability = availability.clone();
@@ -104,8 +106,7 @@ pub async fn start_with(
         telemetry.metrics.pathway_unavailable.clone(),
     ));
     let policy =
-        PolicyStore::load_checked(&config.policy, Some(availability_check(&availability)))
-            .await?;
+        PolicyStore::load_checked(&config.policy, Some(availability_check(&availability))).await?;
     let limits = Arc::new(crate::limits::Limits::from_config(
         &config.limits_backend,
         config.on_backend_error,
@@ -226,6 +227,7 @@ pub async fn start_with(
         .with_client_hello_timeout(config.timeouts.handshake)
         .with_response_timeout(config.timeouts.response)
         .with_global_allow(config.allow_cidrs.clone())
+        .with_upstream_pool(config.upstream_pool)
         .with_l7(limits, secrets, identity.clone())
         .with_interception(interception),
     );

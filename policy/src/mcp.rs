@@ -241,6 +241,21 @@ impl Policy {
         self.mcp_pathways(req).first().map(|p| Arc::clone(p))
     }
 
+    /// [`Policy::mcp_body_limit`] and [`Policy::mcp_pathway`] in one look-up.
+    pub fn mcp_target(&self, req: &Request<'_>) -> Option<(u64, Arc<Pathway>)> {
+        let pathways = self.mcp_pathways(req);
+        let first = Arc::clone(pathways.first()?);
+        let limit = pathways
+            .iter()
+            .map(|p| {
+                p.limits
+                    .max_request_body_bytes
+                    .unwrap_or(DEFAULT_MCP_BODY_LIMIT)
+            })
+            .max()?;
+        Some((limit, first))
+    }
+
     /// Pathways with `mcp` of the matching agents that list the destination and method.
     fn mcp_pathways(&self, req: &Request<'_>) -> Vec<&Arc<Pathway>> {
         let mut out = Vec::new();

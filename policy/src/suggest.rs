@@ -622,9 +622,7 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
         None => Vec::new(),
     };
     let (mcp_edit, mcp_failed) = match &loaded {
-        Some((c, _, file)) if !mcp_adds.is_empty() => {
-            mcp::apply(c.text, c.origin, file, &mcp_adds)
-        }
+        Some((c, _, file)) if !mcp_adds.is_empty() => mcp::apply(c.text, c.origin, file, &mcp_adds),
         _ => (None, Vec::new()),
     };
 
@@ -796,18 +794,26 @@ pub fn suggest(agg: Aggregator, current: Option<Current<'_>>) -> Result<Suggesti
         for tool in s.mcp.tools.keys() {
             let d = p.evaluate_mcp(&request_for(s, id), Some(&mcp::tool_call(tool)));
             if !d.allowed {
-                sections.entry(agent.clone()).or_default().notes.push(format!(
-                    "{}: tools/call {tool:?} stays denied ({}); not tested",
-                    request_line(s),
-                    d.reason
-                ));
+                sections
+                    .entry(agent.clone())
+                    .or_default()
+                    .notes
+                    .push(format!(
+                        "{}: tools/call {tool:?} stays denied ({}); not tested",
+                        request_line(s),
+                        d.reason
+                    ));
                 continue;
             }
             cases += 1;
             let _ = writeln!(
                 test_lines,
                 "  - name: {}",
-                q(&format!("{}: {} tools/call {tool} -> allow", s.source, request_line(s)))
+                q(&format!(
+                    "{}: {} tools/call {tool} -> allow",
+                    s.source,
+                    request_line(s)
+                ))
             );
             let _ = writeln!(test_lines, "    source: {}", q(&s.source));
             let _ = writeln!(test_lines, "    request: {}", q(&request_line(s)));

@@ -345,8 +345,14 @@ fn methods_and_tunnels() {
         "    pathways:\n      - name: any-tls\n        destinations: [\"*:443\"]\n",
     ));
     let d = connect(RESEARCH, "api.openai.com", 443).eval(&broad);
-    assert_eq!((d.reason.clone(), allowed_by(&d)), (Reason::Intercepted, Some("openai")));
-    assert_eq!(allowed_by(&connect(RESEARCH, "example.net", 443).eval(&broad)), Some("any-tls"));
+    assert_eq!(
+        (d.reason.clone(), allowed_by(&d)),
+        (Reason::Intercepted, Some("openai"))
+    );
+    assert_eq!(
+        allowed_by(&connect(RESEARCH, "example.net", 443).eval(&broad)),
+        Some("any-tls")
+    );
     // a tunnel to an L7 pathway's destination is intercepted, whatever its methods
     // and `when` say: the requests inside are decided one by one
     let d = connect(RESEARCH, "api.openai.com", 443).eval(&p);

@@ -157,7 +157,11 @@ impl TestCa {
 
     /// This CA's own certificate (its chain up to, not including, the root) and its key
     /// as PEM files: what an operator gives the gateway as `interception.ca_cert`/`ca_key`.
-    pub fn write_signing_files(&self, dir: &Path, stem: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+    pub fn write_signing_files(
+        &self,
+        dir: &Path,
+        stem: &str,
+    ) -> std::io::Result<(PathBuf, PathBuf)> {
         let cert = dir.join(format!("{stem}.crt"));
         let key = dir.join(format!("{stem}.key"));
         let chain = if self.intermediates.is_empty() {

@@ -329,7 +329,13 @@ async fn invalid_policy_is_rejected_and_the_old_one_stays_in_force() {
         "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: a\n    id: not-a-spiffe-id\n",
     )
     .unwrap();
-    let err = w.gateway.gateway().reload_policy().await.unwrap_err().to_string();
+    let err = w
+        .gateway
+        .gateway()
+        .reload_policy()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("not-a-spiffe-id") || err.contains("id"),
         "{err}"

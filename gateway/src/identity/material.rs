@@ -184,7 +184,9 @@ impl Material {
     }
 }
 
-pub(crate) fn validity(leaf: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), MaterialError> {
+pub(crate) fn validity(
+    leaf: &CertificateDer<'_>,
+) -> Result<(SystemTime, SystemTime), MaterialError> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
         .map_err(|e| MaterialError::Certificate(e.to_string()))?;
     let to_time = |t: x509_parser::time::ASN1Time| {

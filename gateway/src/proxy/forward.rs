@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use dashmap::DashMap;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -38,16 +37,30 @@ use super::{denial, dial_refusal, llm, mcp, refuse, PeerIdentity, Proxy, ProxyBo
 pub(super) struct Forwarder {
     dialer: Dialer,
     clients: DashMap<PoolKey, Client<GuardedConnector, ProxyBody>>,
+    pool: crate::config::UpstreamPool,
+    /// Upstream connections dialed; hyper-util does not report its pool's size, so
+    /// churn shows as this counter rising under steady keep-alive traffic.
+    dialed: prometheus_client::metrics::counter::Counter,
 }
 
 type PoolKey = (Vec<IpNet>, Option<ProfileKey>);
 
 impl Forwarder {
-    pub(super) fn new(dialer: Dialer) -> Self {
+    pub(super) fn new(
+        dialer: Dialer,
+        dialed: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Forwarder {
             dialer,
             clients: DashMap::new(),
+            pool: crate::config::UpstreamPool::default(),
+            dialed,
         }
+    }
+
+    /// Applies to pools built from now on (set at start-up, before any is built).
+    pub(super) fn set_pool(&mut self, pool: crate::config::UpstreamPool) {
+        self.pool = pool;
     }
 
     fn client(
@@ -67,10 +80,11 @@ impl Forwarder {
             dialer: self.dialer.clone(),
             allow: allow.to_vec().into(),
             tls: tls.map(tokio_rustls::TlsConnector::from),
+            dialed: self.dialed.clone(),
         };
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(32)
+            .pool_idle_timeout(self.pool.idle_timeout)
+            .pool_max_idle_per_host(self.pool.max_idle_per_destination)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
@@ -514,32 +528,31 @@ impl Proxy {
             .as_ref()
             .and_then(|p| p.timeouts.response)
             .unwrap_or(self.response_timeout);
-        let response = match tokio::time::timeout(response_timeout, client.request(upstream_req))
-            .await
-        {
-            Ok(Ok(r)) => r,
-            Err(_) => {
-                return refuse(
-                    ex,
-                    Refusal::UpstreamTimeout(format!(
-                        "no response from the upstream within {response_timeout:?}"
-                    )),
-                )
-            }
-            Ok(Err(e)) => {
-                let refusal = match (find_dial_error(&e), find_tls_error(&e)) {
-                    (Some(dial), _) => dial_refusal(dial),
-                    (None, Some(tls)) => {
-                        Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {tls}"))
-                    }
-                    (None, None) => Refusal::UpstreamUnreachable(format!(
-                        "upstream request failed: {}",
-                        error_chain(&e)
-                    )),
-                };
-                return refuse(ex, refusal);
-            }
-        };
+        let response =
+            match tokio::time::timeout(response_timeout, client.request(upstream_req)).await {
+                Ok(Ok(r)) => r,
+                Err(_) => {
+                    return refuse(
+                        ex,
+                        Refusal::UpstreamTimeout(format!(
+                            "no response from the upstream within {response_timeout:?}"
+                        )),
+                    )
+                }
+                Ok(Err(e)) => {
+                    let refusal = match (find_dial_error(&e), find_tls_error(&e)) {
+                        (Some(dial), _) => dial_refusal(dial),
+                        (None, Some(tls)) => {
+                            Refusal::UpstreamUnreachable(format!("pathway `{pathway_name}`: {tls}"))
+                        }
+                        (None, None) => Refusal::UpstreamUnreachable(format!(
+                            "upstream request failed: {}",
+                            error_chain(&e)
+                        )),
+                    };
+                    return refuse(ex, refusal);
+                }
+            };
         if let Some(ResolvedAddr(addr)) = response.extensions().get::<ResolvedAddr>() {
             ex.set_resolved(addr.ip());
         }
@@ -647,6 +660,7 @@ pub(super) struct GuardedConnector {
     dialer: Dialer,
     allow: Arc<[IpNet]>,
     tls: Option<tokio_rustls::TlsConnector>,
+    dialed: prometheus_client::metrics::counter::Counter,
 }
 
 /// Why an upstream connection could not be made.
@@ -680,6 +694,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
         let dialer = self.dialer.clone();
         let allow = self.allow.clone();
         let tls = self.tls.clone();
+        let dialed = self.dialed.clone();
         Box::pin(async move {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
             let target = parse_authority(authority).map_err(|e| DialError::Connect {
@@ -705,6 +720,7 @@ impl tower_service::Service<Uri> for GuardedConnector {
                     UpstreamIo::Tls(Box::new(s))
                 }
             };
+            dialed.inc();
             Ok(DialedStream {
                 io: TokioIo::new(io),
                 addr,

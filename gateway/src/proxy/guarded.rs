@@ -73,6 +73,35 @@ impl Proxy {
         );
         refuse(ex, refusal)
     }
+
+    /// The answer to a request on a connection over `limits.max_connections_per_agent`:
+    /// `429` with the standard body and `Retry-After`, and its audit line, so the agent
+    /// learns why instead of seeing a reset.
+    pub fn refuse_over_connection_cap<B>(
+        &self,
+        req: &Request<B>,
+        peer: &PeerIdentity,
+        max: usize,
+    ) -> Response<ProxyBody> {
+        let connect = req.method() == Method::CONNECT;
+        let mut ex = Exchange::begin(
+            self.audit.clone(),
+            &self.telemetry,
+            peer,
+            if connect { "connect" } else { "http" },
+            req.method().as_str(),
+            req.headers(),
+        );
+        let (host, port, path) = target_parts(&req.uri().to_string(), connect);
+        ex.set_target(&host, port, &path);
+        let refusal = Refusal::Limited {
+            reason: format!("agent already has {max} open connections to the gateway"),
+            limit: "max_connections_per_agent".into(),
+            // Connections end on their own terms; a second is a guess at how soon one does.
+            retry_after: 1,
+        };
+        refuse(ex, refusal)
+    }
 }
 
 /// Host, port and path of a refused request's target, as far as it can be read.

@@ -32,6 +32,7 @@ use super::forward::ReqBody;
 use super::refusal::{full, Refusal};
 use super::target::Target;
 use super::{header_pairs, refuse, PeerIdentity, Proxy, ProxyBody};
+use crate::telemetry::TraceContext;
 
 /// JSON-RPC error code of a message the policy refused (implementation-defined range).
 pub const POLICY_DENIED: i64 = -32001;
@@ -213,24 +214,28 @@ fn is_empty_body(body: &ReqBody) -> bool {
 }
 
 impl Proxy {
-    /// The body bound for MCP messages, when some pathway's `mcp` may decide.
-    fn mcp_body_limit(&self, peer: &PeerIdentity, method: &str, target: &Target) -> Option<u64> {
+    /// The body bound for MCP messages and the MCP pathway the request is aimed at,
+    /// when some pathway's `mcp` may decide.
+    fn mcp_target(
+        &self,
+        peer: &PeerIdentity,
+        method: &str,
+        target: &Target,
+    ) -> Option<(u64, Arc<Pathway>)> {
         let host = target.host.as_policy_str();
-        self.policy
-            .current()
-            .mcp_body_limit(&egress_policy::Request {
-                source: &peer.spiffe_id,
-                source_address: Some(peer.address),
-                kind: RequestKind::Http,
-                method,
-                host: &host,
-                port: target.port,
-                path: "",
-                query: "",
-                headers: egress_policy::HeaderView::empty(),
-                llm_model: None,
-                now: std::time::SystemTime::now(),
-            })
+        self.policy.current().mcp_target(&egress_policy::Request {
+            source: &peer.spiffe_id,
+            source_address: Some(peer.address),
+            kind: RequestKind::Http,
+            method,
+            host: &host,
+            port: target.port,
+            path: "",
+            query: "",
+            headers: egress_policy::HeaderView::empty(),
+            llm_model: None,
+            now: std::time::SystemTime::now(),
+        })
     }
 
     /// Decides an L7 request: as a whole, or, where a pathway has `mcp`, message by
@@ -263,7 +268,7 @@ impl Proxy {
             body,
             plan: None,
         };
-        let Some(limit) = self.mcp_body_limit(peer, method, target) else {
+        let Some((limit, aimed)) = self.mcp_target(peer, method, target) else {
             return Ok(whole(ex, body, headers));
         };
         body = match body.buffer(headers, limit).await {
@@ -292,7 +297,7 @@ impl Proxy {
                     header::ACCEPT_ENCODING,
                     HeaderValue::from_static("identity"),
                 );
-                let mut plan = ResponsePlan::new(rules, false, d.ex.trace_id());
+                let mut plan = ResponsePlan::new(Some(rules), false, d.ex.trace);
                 plan.any_list = true;
                 d.plan = Some(plan);
             }
@@ -328,8 +333,10 @@ impl Proxy {
             llm_model,
             now: std::time::SystemTime::now(),
         };
-        let trace_id = ex.trace_id();
-        let aimed = policy.mcp_pathway(&request);
+        // Formatted only for the answers that carry it.
+        let trace = ex.trace;
+        let trace_id = || trace.trace_id_hex();
+        let aimed = Some(aimed);
 
         let Some((messages, batch)) = parsed else {
             // Not JSON-RPC: only a pathway without `mcp` may take it.
@@ -348,7 +355,7 @@ impl Proxy {
             } else {
                 PARSE_ERROR
             };
-            let err = denial_error(None, &decision, &trace_id);
+            let err = denial_error(None, &decision, &trace_id());
             let body = rpc_error(
                 None,
                 code,
@@ -406,10 +413,10 @@ impl Proxy {
                     m.id.as_deref(),
                     INVALID_REQUEST,
                     "egress denied: not a JSON-RPC 2.0 message".into(),
-                    json!({"type": "egress_denied", "code": d.reason.code(), "trace_id": trace_id}),
+                    json!({"type": "egress_denied", "code": d.reason.code(), "trace_id": trace_id()}),
                 ));
             } else if m.is_request {
-                let mut e = denial_error(m.id.as_deref(), d, &trace_id);
+                let mut e = denial_error(m.id.as_deref(), d, &trace_id());
                 if d.permits() {
                     // Allowed, but by another pathway than the rest of the batch.
                     e["error"]["message"] =
@@ -422,7 +429,11 @@ impl Proxy {
         let Some(lead) = lead else {
             let d = &decisions[0];
             return Err(match (batch, errors.len()) {
-                (_, 0) => answer(ex, StatusCode::FORBIDDEN, &denial_error(None, d, &trace_id)),
+                (_, 0) => answer(
+                    ex,
+                    StatusCode::FORBIDDEN,
+                    &denial_error(None, d, &trace_id()),
+                ),
                 // One message that is not JSON-RPC: a bad request, as servers answer it.
                 (false, _) if messages[0].call.is_none() => {
                     answer(ex, StatusCode::BAD_REQUEST, &errors[0])
@@ -460,24 +471,24 @@ impl Proxy {
             body = ReqBody::Buffered(out);
         }
 
-        // The answers to filter: forwarded list requests, where the policy enforces.
-        let mut plan = decision
-            .pathway
-            .clone()
-            .filter(|p| p.mcp.is_some())
-            .map(|p| ResponsePlan::new(p, batch, trace_id.clone()));
-        if let Some(plan) = plan.as_mut() {
-            if decision.allowed && policy.mode() == Mode::Enforce {
-                for m in &kept {
-                    let kind = m.call.as_ref().and_then(|c| ListKind::of_method(&c.method));
-                    if let (Some(kind), Some(id), true) = (kind, &m.id, m.is_request) {
-                        plan.lists.insert(id.clone(), kind);
-                    }
+        // The answers to filter (forwarded list requests, on an MCP pathway that
+        // enforces) and the gateway's answers to merge.
+        let mut lists = HashMap::new();
+        let filtering = decision.pathway.as_ref().is_some_and(|p| p.mcp.is_some());
+        if filtering && decision.allowed && policy.mode() == Mode::Enforce {
+            for m in &kept {
+                let kind = m.call.as_ref().and_then(|c| ListKind::of_method(&c.method));
+                if let (Some(kind), Some(id), true) = (kind, &m.id, m.is_request) {
+                    lists.insert(id.clone(), kind);
                 }
             }
-            plan.errors = errors;
         }
-        let plan = plan.filter(|p| !p.lists.is_empty() || !p.errors.is_empty());
+        let plan = (!lists.is_empty() || !errors.is_empty()).then(|| {
+            let mut plan = ResponsePlan::new(decision.pathway.clone(), batch, trace);
+            plan.lists = lists;
+            plan.errors = errors;
+            plan
+        });
         if plan.is_some() {
             headers.insert(
                 header::ACCEPT_ENCODING,
@@ -495,7 +506,8 @@ impl Proxy {
 
 /// How to rewrite the server's answer to a forwarded MCP request.
 pub(super) struct ResponsePlan {
-    pathway: Arc<Pathway>,
+    /// Whose `mcp` lists filter the answers (none: nothing is filtered).
+    pathway: Option<Arc<Pathway>>,
     /// The gateway's answers to the messages it refused, merged into the server's.
     errors: Vec<Value>,
     /// Forwarded list requests: `id` (as JSON text) and what the answer lists.
@@ -504,18 +516,18 @@ pub(super) struct ResponsePlan {
     any_list: bool,
     /// The agent sent a batch: a JSON answer is an array.
     batch: bool,
-    trace_id: String,
+    trace: TraceContext,
 }
 
 impl ResponsePlan {
-    fn new(pathway: Arc<Pathway>, batch: bool, trace_id: String) -> ResponsePlan {
+    fn new(pathway: Option<Arc<Pathway>>, batch: bool, trace: TraceContext) -> ResponsePlan {
         ResponsePlan {
             pathway,
             errors: Vec::new(),
             lists: HashMap::new(),
             any_list: false,
             batch,
-            trace_id,
+            trace,
         }
     }
 
@@ -572,7 +584,7 @@ impl ResponsePlan {
             None,
             INTERNAL_ERROR,
             format!("egress gateway cannot filter {what} from the MCP server"),
-            json!({"type": "upstream_error", "trace_id": self.trace_id}),
+            json!({"type": "upstream_error", "trace_id": self.trace.trace_id_hex()}),
         )
     }
 
@@ -597,7 +609,7 @@ impl ResponsePlan {
     /// Whether the pathway's lists allow a listed item (an item without its naming
     /// field, or with it twice, is hidden: fail closed).
     fn allows(&self, kind: ListKind, item: &str) -> bool {
-        let Some(rules) = self.pathway.mcp.as_ref() else {
+        let Some(rules) = self.pathway.as_ref().and_then(|p| p.mcp.as_ref()) else {
             return true;
         };
         let field = match kind {
@@ -1197,7 +1209,13 @@ mod tests {
         );
         let p = egress_policy::Policy::from_yaml_str(&yaml, "p.yaml").unwrap();
         let pathway = p.pathways().next().unwrap().clone();
-        ResponsePlan::new(pathway, false, "t".into())
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let trace = TraceContext::parent_from_headers(&h).unwrap();
+        ResponsePlan::new(Some(pathway), false, trace)
     }
 
     fn tools_answer(id: u64, names: &[&str]) -> String {

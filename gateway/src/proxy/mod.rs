@@ -41,6 +41,12 @@ use exchange::Exchange;
 pub use refusal::Refusal;
 use target::Target;
 
+/// Per-direction buffer of a tunnel's relay: one whole TLS record (16 KiB of payload
+/// plus header and tag). tokio's 8 KiB default splits every record over two reads and
+/// doubles the syscalls of a bulk transfer; larger buffers would cost every idle
+/// tunnel their size in memory, twice.
+pub(crate) const RELAY_BUFFER_BYTES: usize = 16 * 1024 + 512;
+
 /// The body type of every response the proxy produces.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -83,7 +89,10 @@ impl Proxy {
         tunnel_idle: Duration,
     ) -> Self {
         Proxy {
-            forwarder: forward::Forwarder::new(dialer.clone()),
+            forwarder: forward::Forwarder::new(
+                dialer.clone(),
+                telemetry.metrics.upstream_connections.clone(),
+            ),
             policy,
             audit,
             telemetry,
@@ -102,8 +111,17 @@ impl Proxy {
         }
     }
 
+    /// Keep-alive pool sizing for forwarded requests (`upstream_pool`).
+    pub fn with_upstream_pool(mut self, pool: crate::config::UpstreamPool) -> Self {
+        self.forwarder.set_pool(pool);
+        self
+    }
+
     /// TLS interception for CONNECTs to destinations an L7 pathway names.
-    pub fn with_interception(mut self, ca: Option<Arc<crate::interception::InterceptionCa>>) -> Self {
+    pub fn with_interception(
+        mut self,
+        ca: Option<Arc<crate::interception::InterceptionCa>>,
+    ) -> Self {
         self.interception = ca;
         self
     }

@@ -206,7 +206,12 @@ where
             return Some(format!("tunnel closed: {e}"));
         }
     }
-    let copy = tokio::io::copy_bidirectional(&mut agent, &mut upstream);
+    let copy = tokio::io::copy_bidirectional_with_sizes(
+        &mut agent,
+        &mut upstream,
+        super::RELAY_BUFFER_BYTES,
+        super::RELAY_BUFFER_BYTES,
+    );
     tokio::pin!(copy);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {

@@ -111,7 +111,12 @@ impl SidecarProxy {
             };
             let (mut agent, mut gateway) = (TokioIo::new(agent), TokioIo::new(gateway));
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut agent, &mut gateway) => {
+                r = tokio::io::copy_bidirectional_with_sizes(
+                    &mut agent,
+                    &mut gateway,
+                    crate::proxy::RELAY_BUFFER_BYTES,
+                    crate::proxy::RELAY_BUFFER_BYTES,
+                ) => {
                     if let Err(e) = r {
                         tracing::debug!(target = %authority, error = %e, "tunnel ended with an error");
                     }

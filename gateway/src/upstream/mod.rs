@@ -105,12 +105,18 @@ impl Availability {
                 agent: agent.clone(),
                 pathway: pathway.clone(),
             };
-            self.gauge.get_or_create(&labels).set(i64::from(why.is_some()));
+            self.gauge
+                .get_or_create(&labels)
+                .set(i64::from(why.is_some()));
             let before = last.get(&(agent.clone(), pathway.clone()));
             match (before, why) {
                 (Some(Some(_)), Some(_)) => {}
-                (_, Some(why)) => tracing::error!(%agent, %pathway, reason = %why, "pathway unavailable: its requests get 503 until the file is readable"),
-                (Some(Some(_)), None) => tracing::info!(%agent, %pathway, "pathway available again"),
+                (_, Some(why)) => {
+                    tracing::error!(%agent, %pathway, reason = %why, "pathway unavailable: its requests get 503 until the file is readable")
+                }
+                (Some(Some(_)), None) => {
+                    tracing::info!(%agent, %pathway, "pathway available again")
+                }
                 _ => {}
             }
         }

@@ -702,6 +702,7 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
     let mut cpu = [0f64; 2];
     let mut done = [0usize; 2];
     let mut ratios = Vec::new();
+    let mut latency: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     for _round in 0..ROUNDS {
         let mut per_round = [0f64; 2];
         for (i, client) in [&free, &budget].into_iter().enumerate() {
@@ -711,12 +712,27 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
             anyhow::ensure!(r.errors == 0, "{} requests failed", r.errors);
             cpu[i] += used;
             done[i] += r.requests;
+            latency[i].extend(r.latencies);
             per_round[i] = used / r.requests.max(1) as f64;
         }
         ratios.push(per_round[1] / per_round[0]);
     }
     ratios.sort_by(f64::total_cmp);
+    for l in &mut latency {
+        l.sort_unstable();
+    }
     let per = |i: usize| cpu[i] / done[i].max(1) as f64 * 1e6;
+    let p50 = |i: usize| {
+        latency[i]
+            .get(latency[i].len() / 2)
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "gzip JSON latency p50: without budget {:?}, with budget {:?}",
+        p50(0),
+        p50(1)
+    );
     println!(
         "gzip JSON: without budget {:.1} µs CPU/request ({} requests), with budget {:.1} µs CPU/request ({} requests); per-round ratios {:.3?}",
         per(0),
@@ -726,36 +742,44 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
         ratios
     );
 
-    // Time to the first byte of a stream (events 2 ms apart), as the SDK streams by
-    // default: `stream: true`, no `stream_options`, `Accept-Encoding: gzip, deflate`.
+    // Time to the first byte of a stream (events 2 ms apart): `stream: true` without
+    // `stream_options`, as the SDK streams by default, with its `Accept-Encoding:
+    // gzip, deflate` and without any.
     up.upstream.set_stream_delay(Duration::from_millis(2));
     let stream =
         br#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#
             .to_vec();
-    let mut ttfb: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for _round in 0..ROUNDS {
-        for (i, client) in [&free, &budget].into_iter().enumerate() {
-            ttfb[i].extend(first_bytes(client, &url, &stream, a.connections, a.seconds).await?);
-        }
-    }
-    for t in &mut ttfb {
-        t.sort_unstable();
-    }
     let p = |t: &[Duration], q: f64| t[((t.len() as f64 - 1.0) * q) as usize];
+    let mut ttfb_ratios = Vec::new();
+    for accept in ["gzip, deflate", "identity"] {
+        let mut ttfb: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+        for _round in 0..ROUNDS {
+            for (i, client) in [&free, &budget].into_iter().enumerate() {
+                ttfb[i].extend(
+                    first_bytes(client, &url, &stream, accept, a.connections, a.seconds).await?,
+                );
+            }
+        }
+        for t in &mut ttfb {
+            t.sort_unstable();
+        }
+        println!(
+            "stream TTFB (accept-encoding: {accept}): without budget p50 {:?} p99 {:?} ({} streams), with budget p50 {:?} p99 {:?} ({} streams)",
+            p(&ttfb[0], 0.5),
+            p(&ttfb[0], 0.99),
+            ttfb[0].len(),
+            p(&ttfb[1], 0.5),
+            p(&ttfb[1], 0.99),
+            ttfb[1].len()
+        );
+        ttfb_ratios.push(p(&ttfb[1], 0.5).as_secs_f64() / p(&ttfb[0], 0.5).as_secs_f64());
+    }
     println!(
-        "stream TTFB: without budget p50 {:?} p99 {:?} ({} streams), with budget p50 {:?} p99 {:?} ({} streams)",
-        p(&ttfb[0], 0.5),
-        p(&ttfb[0], 0.99),
-        ttfb[0].len(),
-        p(&ttfb[1], 0.5),
-        p(&ttfb[1], 0.99),
-        ttfb[1].len()
-    );
-    println!(
-        "ratio with budget / without: CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.15x), stream TTFB p50 {:.3}x (limit 1.05x)",
+        "ratio with budget / without: CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.15x), stream TTFB p50 {:.3}x with gzip accepted, {:.3}x without (limit 1.05x)",
         ratios[ratios.len() / 2],
         per(1) / per(0),
-        p(&ttfb[1], 0.5).as_secs_f64() / p(&ttfb[0], 0.5).as_secs_f64()
+        ttfb_ratios[0],
+        ttfb_ratios[1]
     );
     let _ = child.kill().await;
     Ok(())
@@ -855,6 +879,7 @@ async fn first_bytes(
     agent: &test_harness::agent::AgentClient,
     url: &str,
     body: &[u8],
+    accept: &'static str,
     connections: usize,
     seconds: u64,
 ) -> anyhow::Result<Vec<Duration>> {
@@ -877,7 +902,7 @@ async fn first_bytes(
                             .unwrap_or_default(),
                     )
                     .header("content-type", "application/json")
-                    .header("accept-encoding", "gzip, deflate")
+                    .header("accept-encoding", accept)
                     .body(http_body_util::Full::new(Bytes::from(body.clone())))?;
                 let t = Instant::now();
                 let resp = send.send_request(req).await?;
