@@ -304,25 +304,6 @@ impl Proxy {
             return Ok(d);
         }
 
-        if std::env::var_os("EXP_T2").is_some() && matches!(&body, ReqBody::Buffered(b) if b.windows(11).any(|w| w == b"search_docs")) {
-            let call = McpCall { method: "tools/call".into(), name: Some("search_docs".into()), arguments: Default::default() };
-            let host = target.host.as_policy_str();
-            let request = egress_policy::Request {
-                source: &peer.spiffe_id,
-                source_address: Some(peer.address),
-                kind: RequestKind::Http,
-                method,
-                host: &host,
-                port: target.port,
-                path,
-                query,
-                headers: egress_policy::HeaderView::empty(),
-                llm_model,
-                now: std::time::SystemTime::now(),
-            };
-            let decision = self.policy.current().evaluate_mcp(&request, Some(&call));
-            return Ok(Decided { ex, decision, body, plan: None });
-        }
         let ReqBody::Buffered(raw) = &body else {
             return Err(refuse(
                 ex,
