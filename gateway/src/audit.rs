@@ -1,8 +1,9 @@
 //! The audit log: one JSON line per request or tunnel, allowed or denied.
 //!
-//! Records go through an unbounded channel to one writer task, so a slow disk never
+//! Records go through an unbounded channel to one writer thread, so a slow disk never
 //! holds a request, and nothing accepted into the channel is lost: shutdown drains it
-//! and flushes before returning.
+//! and flushes before returning. The thread writes with plain blocking calls: one
+//! `write` per burst of records, with no hop through the runtime's blocking pool.
 //!
 //! A file log rotates by size when `audit_log_max_bytes` is set (`audit.log` moves to
 //! `audit.log.1`, `.1` to `.2`, ..., keeping `audit_log_keep` files; a line is never
@@ -11,8 +12,9 @@
 
 use std::path::{Path, PathBuf};
 
+use std::io::{BufWriter, Write};
+
 use serde::Serialize;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{AuditRotation, AuditSink};
@@ -96,6 +98,24 @@ pub struct AuditRecord {
     /// tools the pathway does not list (labels stay bounded by the policy).
     #[serde(skip)]
     pub mcp_tool_label: Option<String>,
+    /// What `inspect` found, per detector, direction and action (never the text).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dlp: Vec<DlpFinding>,
+    /// The guard classifier's verdict: `allow`, `deny`, `timeout` or `error`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<&'static str>,
+}
+
+/// One `dlp` entry of an audit line.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DlpFinding {
+    /// Stable detector name (`openai_api_key`, `email`, an operator pattern's name).
+    pub detector: String,
+    /// `request` or `response`.
+    pub direction: &'static str,
+    /// `deny`, `redact` or `audit`.
+    pub action: &'static str,
+    pub count: u32,
 }
 
 enum Msg {
@@ -110,9 +130,9 @@ pub struct AuditLog {
     tx: mpsc::UnboundedSender<Msg>,
 }
 
-/// Owns the writer task; `close` drains and flushes.
+/// Owns the writer thread; `close` drains and flushes.
 pub struct AuditWriter {
-    task: tokio::task::JoinHandle<()>,
+    done: oneshot::Receiver<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,13 +159,26 @@ impl AuditLog {
         sink: &AuditSink,
         rotation: Option<AuditRotation>,
     ) -> Result<(AuditLog, AuditWriter), AuditError> {
-        let out = match sink {
-            AuditSink::Stdout => Out::Stdout(BufWriter::new(Box::new(tokio::io::stdout()))),
-            AuditSink::File(path) => Out::File(AuditFile::open(path.clone(), rotation).await?),
+        let (out, name) = match sink {
+            AuditSink::Stdout => (
+                Out::Stdout(BufWriter::with_capacity(WRITE_BUFFER, std::io::stdout())),
+                PathBuf::from("stdout"),
+            ),
+            AuditSink::File(path) => (
+                Out::File(AuditFile::open(path.clone(), rotation)?),
+                path.clone(),
+            ),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(write_loop(rx, out));
-        Ok((AuditLog { tx }, AuditWriter { task }))
+        let (done_tx, done) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                write_loop(rx, out);
+                let _ = done_tx.send(());
+            })
+            .map_err(|source| AuditError::Open { path: name, source })?;
+        Ok((AuditLog { tx }, AuditWriter { done }))
     }
 
     /// Flushes, closes and reopens a file log at its path (SIGUSR1, after logrotate
@@ -176,28 +209,32 @@ impl AuditLog {
 impl AuditWriter {
     /// Call after every `AuditLog` clone is dropped: writes what is queued and flushes.
     pub async fn close(self) {
-        let _ = self.task.await;
+        let _ = self.done.await;
     }
 }
 
-/// Where the writer task writes.
+/// Bytes buffered between flushes; a burst of records larger than this is written in
+/// several calls.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Where the writer thread writes.
 enum Out {
-    Stdout(BufWriter<Box<dyn AsyncWrite + Send + Unpin>>),
+    Stdout(BufWriter<std::io::Stdout>),
     File(AuditFile),
 }
 
 impl Out {
-    async fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
         match self {
-            Out::Stdout(w) => w.write_all(line).await,
-            Out::File(f) => f.write_line(line).await,
+            Out::Stdout(w) => w.write_all(line),
+            Out::File(f) => f.write_line(line),
         }
     }
 
-    async fn flush(&mut self) -> std::io::Result<()> {
+    fn flush(&mut self) -> std::io::Result<()> {
         match self {
-            Out::Stdout(w) => w.flush().await,
-            Out::File(f) => f.out.flush().await,
+            Out::Stdout(w) => w.flush(),
+            Out::File(f) => f.out.flush(),
         }
     }
 }
@@ -205,14 +242,14 @@ impl Out {
 /// A file audit log: its path, the open file, and how much it holds.
 struct AuditFile {
     path: PathBuf,
-    out: BufWriter<tokio::fs::File>,
+    out: BufWriter<std::fs::File>,
     size: u64,
     rotation: Option<AuditRotation>,
 }
 
 impl AuditFile {
-    async fn open(path: PathBuf, rotation: Option<AuditRotation>) -> Result<Self, AuditError> {
-        let (out, size) = open_append(&path).await?;
+    fn open(path: PathBuf, rotation: Option<AuditRotation>) -> Result<Self, AuditError> {
+        let (out, size) = open_append(&path)?;
         Ok(AuditFile {
             path,
             out,
@@ -221,47 +258,45 @@ impl AuditFile {
         })
     }
 
-    async fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
+    fn write_line(&mut self, line: &[u8]) -> std::io::Result<()> {
         let len = line.len() as u64;
         if let Some(r) = self.rotation {
             if self.size > 0 && self.size + len > r.max_bytes {
-                if let Err(e) = self.rotate(r.keep).await {
+                if let Err(e) = self.rotate(r.keep) {
                     // Better a file past its size than a lost record.
                     tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the audit log");
                 }
             }
         }
-        self.out.write_all(line).await?;
+        self.out.write_all(line)?;
         self.size += len;
         Ok(())
     }
 
     /// `path.{keep-1}` -> `path.{keep}`, ..., `path` -> `path.1`, then a new `path`.
-    async fn rotate(&mut self, keep: usize) -> Result<(), AuditError> {
+    fn rotate(&mut self, keep: usize) -> Result<(), AuditError> {
         let failed = |path: &Path| {
             let path = path.to_path_buf();
             move |source| AuditError::Rotate { path, source }
         };
-        self.out.flush().await.map_err(failed(&self.path))?;
+        self.out.flush().map_err(failed(&self.path))?;
         // The oldest kept file is overwritten by the next one down.
         for n in (1..keep).rev() {
             let from = numbered(&self.path, n);
-            match tokio::fs::rename(&from, numbered(&self.path, n + 1)).await {
+            match std::fs::rename(&from, numbered(&self.path, n + 1)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(source) => return Err(AuditError::Rotate { path: from, source }),
             }
         }
-        tokio::fs::rename(&self.path, numbered(&self.path, 1))
-            .await
-            .map_err(failed(&self.path))?;
-        self.reopen().await
+        std::fs::rename(&self.path, numbered(&self.path, 1)).map_err(failed(&self.path))?;
+        self.reopen()
     }
 
-    async fn reopen(&mut self) -> Result<(), AuditError> {
+    fn reopen(&mut self) -> Result<(), AuditError> {
         // Flush into the old file first: its lines stay where they were written.
-        let _ = self.out.flush().await;
-        let (out, size) = open_append(&self.path).await?;
+        let _ = self.out.flush();
+        let (out, size) = open_append(&self.path)?;
         self.out = out;
         self.size = size;
         Ok(())
@@ -274,24 +309,24 @@ fn numbered(path: &Path, n: usize) -> PathBuf {
     PathBuf::from(s)
 }
 
-async fn open_append(path: &Path) -> Result<(BufWriter<tokio::fs::File>, u64), AuditError> {
+fn open_append(path: &Path) -> Result<(BufWriter<std::fs::File>, u64), AuditError> {
     let err = |source| AuditError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let file = tokio::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .await
         .map_err(err)?;
-    let size = file.metadata().await.map_err(err)?.len();
-    Ok((BufWriter::new(file), size))
+    let size = file.metadata().map_err(err)?.len();
+    Ok((BufWriter::with_capacity(WRITE_BUFFER, file), size))
 }
 
-async fn write_loop(mut rx: mpsc::UnboundedReceiver<Msg>, mut out: Out) {
+/// The writer thread: runs until every `AuditLog` clone is dropped.
+fn write_loop(mut rx: mpsc::UnboundedReceiver<Msg>, mut out: Out) {
     let mut line = Vec::with_capacity(512);
-    while let Some(msg) = rx.recv().await {
+    while let Some(msg) = rx.blocking_recv() {
         let mut pending = Some(msg);
         // Write everything queued, then flush once: one syscall per burst, not per line.
         while let Some(msg) = pending.take().or_else(|| rx.try_recv().ok()) {
@@ -303,21 +338,21 @@ async fn write_loop(mut rx: mpsc::UnboundedReceiver<Msg>, mut out: Out) {
                         continue;
                     }
                     line.push(b'\n');
-                    if let Err(e) = out.write_line(&line).await {
+                    if let Err(e) = out.write_line(&line) {
                         tracing::error!(error = %e, "cannot write audit log");
                     }
                 }
                 Msg::Flush(done) => {
-                    let _ = out.flush().await;
+                    let _ = out.flush();
                     let _ = done.send(());
                 }
                 Msg::Reopen(done) => {
                     let result = match &mut out {
                         Out::Stdout(w) => {
-                            let _ = w.flush().await;
+                            let _ = w.flush();
                             Ok(())
                         }
-                        Out::File(f) => f.reopen().await,
+                        Out::File(f) => f.reopen(),
                     };
                     if let Err(e) = &result {
                         // The old file stays open: records keep being written.
@@ -327,12 +362,18 @@ async fn write_loop(mut rx: mpsc::UnboundedReceiver<Msg>, mut out: Out) {
                 }
             }
         }
-        if let Err(e) = out.flush().await {
+        if let Err(e) = out.flush() {
             tracing::error!(error = %e, "cannot flush audit log");
         }
+        // Let the next records gather rather than waking this thread for each one:
+        // under load a burst per millisecond, not a wake-up and a syscall per request.
+        std::thread::sleep(GATHER);
     }
-    let _ = out.flush().await;
+    let _ = out.flush();
 }
+
+/// How long the writer waits after each burst.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Current time as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {

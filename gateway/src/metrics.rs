@@ -106,6 +106,24 @@ pub struct RuleLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DlpLabels {
+    pub agent: String,
+    pub pathway: String,
+    /// A built-in detector name or an operator pattern's name (bounded by the policy).
+    pub detector: String,
+    pub direction: &'static str,
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GuardLabels {
+    pub agent: String,
+    pub pathway: String,
+    /// `allow`, `deny`, `timeout` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct McpLabels {
     pub agent: String,
     pub pathway: String,
@@ -157,6 +175,8 @@ pub struct Metrics {
     pub limit_max: Family<LimitLabels, Gauge>,
     pub limits_backend_errors: Family<OutcomeLabels, Counter>,
     pub mcp_calls: Family<McpLabels, Counter>,
+    pub dlp_findings: Family<DlpLabels, Counter>,
+    pub guard_verdicts: Family<GuardLabels, Counter>,
     pub connections_closed: Family<ClosedLabels, Counter>,
     pub interception_leaf_mints: Counter,
     pub pathway_unavailable: Family<PathwayLabels, Gauge>,
@@ -324,6 +344,18 @@ impl Metrics {
             "JSON-RPC messages agents sent on MCP pathways, by method, tool (the mcp.tools entry) and decision",
             mcp_calls.clone(),
         );
+        let dlp_findings = Family::<DlpLabels, Counter>::default();
+        registry.register(
+            "dlp_findings",
+            "What inspect found in bodies, by detector, direction (request, response) and action (deny, redact, audit)",
+            dlp_findings.clone(),
+        );
+        let guard_verdicts = Family::<GuardLabels, Counter>::default();
+        registry.register(
+            "guard_verdicts",
+            "Answers of inspect.guard classifiers: allow, deny, timeout or error (on_error decides the last two)",
+            guard_verdicts.clone(),
+        );
         let pathway_unavailable = Family::<PathwayLabels, Gauge>::default();
         registry.register(
             "pathway_unavailable",
@@ -346,6 +378,8 @@ impl Metrics {
             upstream_connections,
             global_connection_limit_refusals,
             mcp_calls,
+            dlp_findings,
+            guard_verdicts,
             connections_closed,
             interception_leaf_mints,
             pathway_unavailable,
@@ -420,6 +454,26 @@ impl Metrics {
             }
         }
         self.record_mcp(r);
+        for f in &r.dlp {
+            self.dlp_findings
+                .get_or_create(&DlpLabels {
+                    agent: r.agent.clone().unwrap_or_else(|| NONE.into()),
+                    pathway: r.pathway.clone().unwrap_or_else(|| NONE.into()),
+                    detector: f.detector.clone(),
+                    direction: f.direction,
+                    action: f.action,
+                })
+                .inc_by(u64::from(f.count));
+        }
+        if let Some(outcome) = r.guard {
+            self.guard_verdicts
+                .get_or_create(&GuardLabels {
+                    agent: r.agent.clone().unwrap_or_else(|| NONE.into()),
+                    pathway: r.pathway.clone().unwrap_or_else(|| NONE.into()),
+                    outcome,
+                })
+                .inc();
+        }
         for rule in &r.dry_run_rules {
             self.dry_run_matches
                 .get_or_create(&RuleLabels { rule: rule.clone() })

@@ -9,6 +9,7 @@
 mod cel_check;
 mod cel_env;
 mod decision;
+pub mod dlp;
 mod error;
 mod evaluate;
 mod explain;
@@ -16,6 +17,7 @@ mod headers;
 mod host;
 mod id_pattern;
 mod index;
+pub mod inspect;
 mod lint;
 mod llm_model;
 mod load;

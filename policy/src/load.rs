@@ -374,6 +374,25 @@ fn compile_pathway(
         );
     }
 
+    let inspect = p
+        .inspect
+        .and_then(|spec| match crate::inspect::compile(spec) {
+            Ok(i) => Some(i),
+            Err(problems) => {
+                for (line, message) in problems {
+                    errs.push(if line > 0 { line } else { p.name.line }, ctx, message);
+                }
+                None
+            }
+        });
+    if inspect.is_some() && p.upstream.is_none() {
+        errs.push(
+            p.name.line,
+            ctx,
+            "`inspect` needs `upstream`: bodies are read only on L7 pathways, never inside a CONNECT tunnel (a plain-HTTP destination: `upstream: { tls: false }`)",
+        );
+    }
+
     let when = p.when.and_then(|w| match CelExpr::compile(&w.value) {
         Ok(c) if c.uses_mcp() && mcp.is_none() => {
             errs.push(
@@ -479,6 +498,7 @@ fn compile_pathway(
         require_sni: p.require_sni,
         timeouts: Timeouts { response },
         mcp,
+        inspect,
         when,
     })
 }

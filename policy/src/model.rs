@@ -141,6 +141,80 @@ pub struct PathwaySpec {
     /// Model Context Protocol server (L7 only): what the agent may call on it.
     #[serde(default)]
     pub mcp: Option<McpSpec>,
+    /// Egress DLP and guardrails (L7 only): bodies scanned for secrets and PII, and
+    /// an optional external classifier.
+    #[serde(default)]
+    pub inspect: Option<InspectSpec>,
+}
+
+/// What the gateway looks for in the bodies of an L7 pathway's requests and responses.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InspectSpec {
+    /// Request bodies (agent to destination), decoded before matching.
+    #[serde(default)]
+    pub request: Option<ScanSpec>,
+    /// Response bodies (destination to agent), scanned as they stream.
+    #[serde(default)]
+    pub response: Option<ScanSpec>,
+    /// An external classifier (prompt injection, toxicity) asked about each request.
+    #[serde(default)]
+    pub guard: Option<GuardSpec>,
+}
+
+/// Detectors and what to do with a finding in one direction.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScanSpec {
+    /// Built-in sets: `secrets`, `pii`.
+    #[serde(default)]
+    pub detectors: Vec<Located<String>>,
+    /// Operator-defined regular expressions, reported under their `name`.
+    #[serde(default)]
+    pub patterns: Vec<PatternSpec>,
+    /// `deny` (403), `redact` (each finding replaced by `[REDACTED:<detector>]`) or
+    /// `audit` (forwarded, logged).
+    pub action: Located<DlpActionSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DlpActionSpec {
+    Deny,
+    Redact,
+    Audit,
+}
+
+/// An operator-defined detector.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatternSpec {
+    /// Detector name in audit lines, metrics and 403 reasons.
+    pub name: Located<String>,
+    /// Rust `regex` syntax, matched against the decoded body.
+    pub regex: Located<String>,
+}
+
+/// The classifier the gateway asks before forwarding a request.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GuardSpec {
+    /// `http://host:port/path` the gateway POSTs `{source, pathway, direction,
+    /// content_type, text}` to; it answers `{"action": "allow"|"deny", "reason"}`.
+    pub url: Located<String>,
+    /// How long to wait for the answer (default `500ms`).
+    #[serde(default)]
+    pub timeout: Option<Located<String>>,
+    /// `deny` (default) or `allow` when the classifier times out or fails.
+    #[serde(default)]
+    pub on_error: Option<GuardOnErrorSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum GuardOnErrorSpec {
+    Deny,
+    Allow,
 }
 
 /// What an agent may use on an MCP server. Every JSON-RPC message is checked: a

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use crate::cel_env::CelExpr;
 use crate::host::Destination;
+use crate::inspect::Inspect;
 use crate::mcp::McpRules;
 use crate::spiffe_id::SpiffeId;
 
@@ -25,6 +26,8 @@ pub struct Pathway {
     pub timeouts: Timeouts,
     /// `mcp:`: the JSON-RPC messages of requests on this pathway are checked one by one.
     pub mcp: Option<McpRules>,
+    /// `inspect:`: DLP scanners and the guard classifier for this pathway's bodies.
+    pub inspect: Option<Inspect>,
     pub(crate) when: Option<CelExpr>,
 }
 

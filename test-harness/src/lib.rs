@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod ca;
 pub mod gateway;
+pub mod guard;
 pub mod interop;
 pub mod llm_upstream;
 pub mod loopback;

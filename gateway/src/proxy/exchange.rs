@@ -11,9 +11,10 @@ use egress_policy::Decision;
 use http::HeaderMap;
 use opentelemetry::KeyValue;
 
-use crate::audit::{now_rfc3339, AuditLog, AuditRecord};
+use crate::audit::{now_rfc3339, AuditLog, AuditRecord, DlpFinding};
 use crate::telemetry::{RequestSpan, Telemetry, TraceContext};
 
+use super::dlp::DlpReport;
 use super::llm::{Accounting, Provider};
 use super::refusal::Refusal;
 use super::PeerIdentity;
@@ -30,6 +31,8 @@ pub struct Exchange {
     /// The other JSON-RPC messages of an MCP batch: decision and `mcp_*` fields of a
     /// line each, written with this exchange's.
     mcp_lines: Vec<AuditRecord>,
+    /// What response inspection found while the body streamed.
+    dlp_report: Option<Arc<DlpReport>>,
 }
 
 /// The `mcp_*` fields of one audit line.
@@ -74,6 +77,7 @@ impl Exchange {
             record: Some(record),
             llm: None,
             mcp_lines: Vec::new(),
+            dlp_report: None,
         }
     }
 
@@ -127,6 +131,29 @@ impl Exchange {
     }
 
     /// Marks a request read inside intercepted TLS (audit `tls_intercepted`).
+    /// Request-phase DLP findings.
+    pub fn add_dlp(&mut self, entries: Vec<DlpFinding>) {
+        super::dlp::merge_into(self.rec(), entries);
+    }
+
+    /// A denial `mode: audit` does not enforce: logged as `deny`, `enforced: false`.
+    pub fn would_deny(&mut self, reason: &str) {
+        let r = self.rec();
+        r.decision = "deny";
+        r.enforced = false;
+        r.reason = reason.to_string();
+    }
+
+    /// The guard classifier's verdict.
+    pub fn set_guard(&mut self, outcome: &'static str) {
+        self.rec().guard = Some(outcome);
+    }
+
+    /// Where the streaming response's inspection reports, read when the line is written.
+    pub fn dlp_report(&mut self) -> Arc<DlpReport> {
+        self.dlp_report.get_or_insert_with(Arc::default).clone()
+    }
+
     pub fn set_intercepted(&mut self) {
         self.rec().tls_intercepted = true;
     }
@@ -197,6 +224,9 @@ impl Exchange {
         if let Some(mut record) = self.record.take() {
             if let Some(accounting) = self.llm.take() {
                 accounting.finish(&mut record);
+            }
+            if let Some(report) = self.dlp_report.take() {
+                report.apply(&mut record);
             }
             let elapsed = self.started.elapsed();
             record.duration_ms = elapsed.as_millis() as u64;
@@ -314,6 +344,18 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
     // gateway connected to for it is `network.peer.*`.
     if let Some(ip) = &r.resolved_ip {
         attrs.push(KeyValue::new("network.peer.address", ip.clone()));
+    }
+    // The findings as `detector/direction/action=count`, never the matched text.
+    if !r.dlp.is_empty() {
+        let findings: Vec<String> = r
+            .dlp
+            .iter()
+            .map(|f| format!("{}/{}/{}={}", f.detector, f.direction, f.action, f.count))
+            .collect();
+        attrs.push(KeyValue::new("egress.dlp", findings.join(",")));
+    }
+    if let Some(verdict) = r.guard {
+        attrs.push(KeyValue::new("egress.guard", verdict));
     }
     // OpenTelemetry GenAI semantic conventions.
     if let Some(method) = &r.mcp_method {

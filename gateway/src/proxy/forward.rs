@@ -29,7 +29,7 @@ use super::exchange::{ByteCounts, Exchange};
 use super::metered::{CountingBody, Direction};
 use super::refusal::Refusal;
 use super::target::{parse_authority, Target};
-use super::{denial, dial_refusal, llm, mcp, refuse, PeerIdentity, Proxy, ProxyBody};
+use super::{denial, dial_refusal, dlp, llm, mcp, refuse, PeerIdentity, Proxy, ProxyBody};
 
 /// Upstream HTTP clients, one pool per set of `allow_cidrs` and upstream TLS profile
 /// (the guard a connection was checked against and the verification it passed are both
@@ -370,6 +370,18 @@ impl Proxy {
                 Err(refusal) => return refuse(ex, refusal),
             };
         }
+        // `inspect`: the body is read, decoded and scanned (and the guard asked)
+        // before anything is forwarded or a limit is taken.
+        let inspect = pathway.as_ref().filter(|p| p.inspect.is_some()).cloned();
+        if let Some(p) = &inspect {
+            match self
+                .inspect_request(&mut ex, peer, p, &mut parts.headers, body)
+                .await
+            {
+                Ok(b) => body = b,
+                Err(refusal) => return refuse(ex, refusal),
+            }
+        }
         let admission = match self.admit(&decision).await {
             Ok(a) => a,
             Err(refusal) => return refuse(ex, refusal),
@@ -559,6 +571,51 @@ impl Proxy {
         let status = response.status().as_u16();
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // The pathway with a response scan, and the scan; `mode: audit` logs what a
+        // `deny` would have refused and passes the response on.
+        let audit_only = self.policy.current().mode() == egress_policy::Mode::Audit;
+        let scanned = inspect.as_deref().and_then(|p| {
+            p.inspect
+                .as_ref()
+                .and_then(|i| i.response.clone())
+                .map(|mut scan| {
+                    if audit_only && scan.action == egress_policy::inspect::DlpAction::Deny {
+                        scan.action = egress_policy::inspect::DlpAction::Audit;
+                    }
+                    (p, scan)
+                })
+        });
+        let body: ProxyBody = match scanned {
+            None => body.boxed(),
+            Some((p, ref scan)) => {
+                let format = dlp::body_format(&parts.headers);
+                match dlp::plan_response(scan, &mut parts.headers) {
+                    Err(refusal) => return refuse(ex, refusal),
+                    Ok(dlp::ResponseInspection::Buffer { coding }) => {
+                        let literals = self.secrets.literals();
+                        match dlp::buffer_response(
+                            &mut ex, scan, &literals, coding, format, p, body,
+                        )
+                        .await
+                        {
+                            Ok(bytes) => super::refusal::full(bytes),
+                            Err(refusal) => return refuse(ex, refusal),
+                        }
+                    }
+                    Ok(dlp::ResponseInspection::Stream { coding }) => dlp::InspectedBody::new(
+                        body,
+                        coding,
+                        scan,
+                        format,
+                        self.secrets.literals(),
+                        ex.dlp_report(),
+                        p.name.clone(),
+                        ex.trace_id(),
+                    )
+                    .boxed(),
+                }
+            }
+        };
         let strip_usage_chunk = ex
             .accounting_mut()
             .is_some_and(|acc| acc.response(status, &parts.headers));

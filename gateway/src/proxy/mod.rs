@@ -4,9 +4,11 @@
 pub mod address_guard;
 pub mod client_hello;
 pub mod dial;
+mod dlp;
 mod encoding;
 mod exchange;
 mod forward;
+mod guard;
 mod guarded;
 mod intercept;
 mod llm;
@@ -78,6 +80,8 @@ pub struct Proxy {
     /// Signs the leaves for intercepted tunnels; `None`: tunnels to L7 destinations
     /// are refused.
     interception: Option<Arc<crate::interception::InterceptionCa>>,
+    /// Asks `inspect.guard` classifiers.
+    guard: guard::GuardClient,
 }
 
 impl Proxy {
@@ -108,6 +112,7 @@ impl Proxy {
             secrets: crate::upstream::Secrets::default(),
             upstream_tls: crate::upstream::UpstreamTls::new(None),
             interception: None,
+            guard: guard::GuardClient::default(),
         }
     }
 

@@ -5,8 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use egress_policy::dlp::Literals;
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -43,9 +46,23 @@ struct Loaded {
 }
 
 /// Secret files by path, each read once per change.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Secrets {
     files: Arc<DashMap<PathBuf, Arc<ArcSwap<Loaded>>>>,
+    /// Bumped whenever a value is stored, so [`Secrets::literals`] knows to rebuild.
+    generation: Arc<AtomicU64>,
+    /// The values as DLP literals, and the generation they were built at.
+    literals: Arc<ArcSwap<(u64, Arc<Literals>)>>,
+}
+
+impl Default for Secrets {
+    fn default() -> Self {
+        Secrets {
+            files: Arc::default(),
+            generation: Arc::default(),
+            literals: Arc::new(ArcSwap::from_pointee((0, Arc::new(Literals::empty())))),
+        }
+    }
 }
 
 impl std::fmt::Debug for Secrets {
@@ -95,7 +112,26 @@ impl Secrets {
                     .insert(path.to_owned(), Arc::new(ArcSwap::new(loaded)));
             }
         }
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Every credential the gateway holds, for DLP's `secret_file` detector: an agent
+    /// must never send one of them out. Rebuilt only after a value changed.
+    pub fn literals(&self) -> Arc<Literals> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = self.literals.load();
+        if cached.0 == generation {
+            return cached.1.clone();
+        }
+        let values: Vec<Vec<u8>> = self
+            .files
+            .iter()
+            .map(|slot| slot.load().value.expose_secret().as_bytes().to_vec())
+            .collect();
+        let built = Arc::new(Literals::new(values));
+        self.literals.store(Arc::new((generation, built.clone())));
+        built
     }
 
     /// The header value `prefix + secret`, marked sensitive (hyper's HPACK and debug
@@ -130,6 +166,7 @@ impl Secrets {
                     tracing::info!(file = %path.display(), "secret file changed; using the new value");
                     let fresh = Arc::new(Loaded { stamp, value });
                     slot.store(fresh.clone());
+                    self.generation.fetch_add(1, Ordering::Release);
                     fresh
                 }
                 Err(e) => {

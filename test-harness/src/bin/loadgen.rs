@@ -24,7 +24,11 @@
 //! own process (build it first, as for `--llm-budget`); then `tools/list` answers of 200
 //! tools filtered to the 100 the pathway lists, p50 latency against the unfiltered one.
 //!
-//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar | --l7 | --intercept | --llm-budget | --mcp]`
+//! With `--dlp`: what `inspect` costs. 4 KiB chat bodies through a pathway with
+//! `inspect.request` (secrets and pii) against the same pathway without it, CPU per
+//! request of the real gateway binary in its own process.
+//!
+//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar | --l7 | --intercept | --llm-budget | --mcp | --dlp]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +49,7 @@ struct Args {
     intercept: bool,
     llm_budget: bool,
     mcp: bool,
+    dlp: bool,
 }
 
 fn args() -> Args {
@@ -56,6 +61,7 @@ fn args() -> Args {
         intercept: false,
         llm_budget: false,
         mcp: false,
+        dlp: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     a.via_sidecar = argv.iter().any(|x| x == "--via-sidecar");
@@ -63,6 +69,7 @@ fn args() -> Args {
     a.intercept = argv.iter().any(|x| x == "--intercept");
     a.llm_budget = argv.iter().any(|x| x == "--llm-budget");
     a.mcp = argv.iter().any(|x| x == "--mcp");
+    a.dlp = argv.iter().any(|x| x == "--dlp");
     for w in argv.windows(2) {
         match w[0].as_str() {
             "--connections" => a.connections = w[1].parse().unwrap_or(a.connections),
@@ -208,6 +215,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.mcp {
         return mcp_bench(&a).await;
+    }
+    if a.dlp {
+        return dlp_bench(&a).await;
     }
     let echo = HttpEcho::start().await?;
     let port = echo.addr.port();
@@ -620,22 +630,10 @@ async fn intercepted_worker(
 /// them), then streams. The gateway is the real binary in its own process, so its CPU
 /// per request is read from `/proc` apart from the load generator and the fake API.
 async fn llm_budget(a: &Args) -> anyhow::Result<()> {
-    use test_harness::ca::TestCa;
-    use test_harness::gateway::{admin_get, gateway_identity, GATEWAY_ID};
     use test_harness::llm_upstream::TlsLlm;
-    use test_harness::workload_api::FakeWorkloadApi;
 
-    let binary = std::env::current_exe()?.with_file_name("egress-gateway");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release -p egress-gateway)",
-        binary.display()
-    );
     let up = TlsLlm::start(40).await?;
     let port = up.upstream.addr.port();
-    let ca = TestCa::new("example.org");
-    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca)).await?;
-    let dir = tempfile::tempdir()?;
     let pathway = |budget: &str| {
         format!(
             r#"      - name: llm
@@ -647,48 +645,12 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
             up.ca_path().display()
         )
     };
-    let policy = format!(
-        "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: budget-agent\n    id: {BUDGET_AGENT}\n    pathways:\n{}  - name: free-agent\n    id: {FREE_AGENT}\n    pathways:\n{}",
-        pathway(", llm_tokens_per_hour: 1000000000000"),
-        pathway("")
-    );
-    std::fs::write(dir.path().join("policy.yaml"), policy)?;
-    let config = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\npolicy: {}\ntelemetry:\n  audit_log: {}\n",
-            dir.path().join("policy.yaml").display(),
-            dir.path().join("audit.log").display()
-        ),
-    )?;
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let (proxy, admin) = listening_addrs(stderr).await?;
-    for _ in 0..100 {
-        if admin_get(admin, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let agent = |id: &str| -> anyhow::Result<test_harness::agent::AgentClient> {
-        Ok(
-            test_harness::agent::AgentClient::new(&ca.mint_svid(id), &[ca.root_cert()], proxy)?
-                .expect_gateway_id(GATEWAY_ID),
-        )
-    };
-    let (budget, free) = (agent(BUDGET_AGENT)?, agent(FREE_AGENT)?);
+    let gw = PairedGateway::start(
+        &pathway(""),
+        &pathway(", llm_tokens_per_hour: 1000000000000"),
+    )
+    .await?;
+    let [free, budget] = &gw.agents;
     let url = format!("http://localhost:{port}/v1/chat/completions");
     println!(
         "{} keep-alive connections; the gateway in its own process; rounds alternate the two pathways",
@@ -697,49 +659,21 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
 
     // CPU per request: gzip-compressed JSON answers.
     let json = br#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#.to_vec();
-    // Short alternating rounds, so load from elsewhere on the machine falls on both
-    // sides alike; the median of the per-round ratios is the figure.
-    let mut cpu = [0f64; 2];
-    let mut done = [0usize; 2];
-    let mut ratios = Vec::new();
-    let mut latency: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    for _round in 0..ROUNDS {
-        let mut per_round = [0f64; 2];
-        for (i, client) in [&free, &budget].into_iter().enumerate() {
-            let before = process_cpu(pid)?;
-            let r = post_compressed(client, &url, &json, a.connections, a.seconds).await;
-            let used = process_cpu(pid)? - before;
-            anyhow::ensure!(r.errors == 0, "{} requests failed", r.errors);
-            cpu[i] += used;
-            done[i] += r.requests;
-            latency[i].extend(r.latencies);
-            per_round[i] = used / r.requests.max(1) as f64;
-        }
-        ratios.push(per_round[1] / per_round[0]);
-    }
-    ratios.sort_by(f64::total_cmp);
-    for l in &mut latency {
-        l.sort_unstable();
-    }
-    let per = |i: usize| cpu[i] / done[i].max(1) as f64 * 1e6;
-    let p50 = |i: usize| {
-        latency[i]
-            .get(latency[i].len() / 2)
-            .copied()
-            .unwrap_or_default()
-    };
+    let c = gw
+        .compare(|client| post_compressed(client, &url, &json, a.connections, a.seconds))
+        .await?;
     println!(
         "gzip JSON latency p50: without budget {:?}, with budget {:?}",
-        p50(0),
-        p50(1)
+        c.p50(0),
+        c.p50(1)
     );
     println!(
         "gzip JSON: without budget {:.1} µs CPU/request ({} requests), with budget {:.1} µs CPU/request ({} requests); per-round ratios {:.3?}",
-        per(0),
-        done[0],
-        per(1),
-        done[1],
-        ratios
+        c.per_request_us(0),
+        c.done[0],
+        c.per_request_us(1),
+        c.done[1],
+        c.ratios
     );
 
     // Time to the first byte of a stream (events 2 ms apart): `stream: true` without
@@ -754,7 +688,7 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
     for accept in ["gzip, deflate", "identity"] {
         let mut ttfb: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
         for _round in 0..ROUNDS {
-            for (i, client) in [&free, &budget].into_iter().enumerate() {
+            for (i, client) in [free, budget].into_iter().enumerate() {
                 ttfb[i].extend(
                     first_bytes(client, &url, &stream, accept, a.connections, a.seconds).await?,
                 );
@@ -776,19 +710,163 @@ async fn llm_budget(a: &Args) -> anyhow::Result<()> {
     }
     println!(
         "ratio with budget / without: CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.15x), stream TTFB p50 {:.3}x with gzip accepted, {:.3}x without (limit 1.05x)",
-        ratios[ratios.len() / 2],
-        per(1) / per(0),
+        c.median_ratio(),
+        c.overall_ratio(),
         ttfb_ratios[0],
         ttfb_ratios[1]
     );
-    let _ = child.kill().await;
+    gw.stop().await;
     Ok(())
 }
 
-/// Alternating rounds per side in `--llm-budget`.
+/// The real `egress-gateway` binary in its own process, serving two agents whose
+/// pathways differ only in the feature measured: `agents[0]` without it, `agents[1]` with
+/// it. Build the binary first (`cargo build --release -p egress-gateway`).
+struct PairedGateway {
+    child: tokio::process::Child,
+    pid: u32,
+    agents: [test_harness::agent::AgentClient; 2],
+    _api: test_harness::workload_api::FakeWorkloadApi,
+    _dir: tempfile::TempDir,
+}
+
+const WITHOUT_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/plain-agent";
+const WITH_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/featured-agent";
+
+impl PairedGateway {
+    /// `without` and `with` are the two agents' `pathways:` entries.
+    async fn start(without: &str, with: &str) -> anyhow::Result<PairedGateway> {
+        use test_harness::ca::TestCa;
+        use test_harness::gateway::{admin_get, gateway_identity, GATEWAY_ID};
+        use test_harness::workload_api::FakeWorkloadApi;
+
+        let binary = std::env::current_exe()?.with_file_name("egress-gateway");
+        anyhow::ensure!(
+            binary.exists(),
+            "{} is missing: build it first (cargo build --release -p egress-gateway)",
+            binary.display()
+        );
+        let ca = TestCa::new("example.org");
+        let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca)).await?;
+        let dir = tempfile::tempdir()?;
+        let policy = format!(
+            "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: plain-agent\n    id: {WITHOUT_AGENT}\n    pathways:\n{without}  - name: featured-agent\n    id: {WITH_AGENT}\n    pathways:\n{with}"
+        );
+        std::fs::write(dir.path().join("policy.yaml"), policy)?;
+        let config = dir.path().join("gateway.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\npolicy: {}\ntelemetry:\n  audit_log: {}\n",
+                dir.path().join("policy.yaml").display(),
+                dir.path().join("audit.log").display()
+            ),
+        )?;
+        let mut child = tokio::process::Command::new(&binary)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or_default();
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let (proxy, admin) = listening_addrs(stderr).await?;
+        for _ in 0..100 {
+            if admin_get(admin, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let agent = |id: &str| -> anyhow::Result<test_harness::agent::AgentClient> {
+            Ok(
+                test_harness::agent::AgentClient::new(&ca.mint_svid(id), &[ca.root_cert()], proxy)?
+                    .expect_gateway_id(GATEWAY_ID),
+            )
+        };
+        Ok(PairedGateway {
+            agents: [agent(WITHOUT_AGENT)?, agent(WITH_AGENT)?],
+            child,
+            pid,
+            _api: api,
+            _dir: dir,
+        })
+    }
+
+    /// Runs `load` for each agent in [`ROUNDS`] alternating rounds (which side goes
+    /// first alternates too, so load from elsewhere falls on both alike).
+    async fn compare<F, Fut>(&self, mut load: F) -> anyhow::Result<CpuComparison>
+    where
+        F: FnMut(test_harness::agent::AgentClient) -> Fut,
+        Fut: std::future::Future<Output = Report>,
+    {
+        let mut c = CpuComparison::default();
+        for round in 0..ROUNDS {
+            let mut per_round = [0f64; 2];
+            for i in [round % 2, 1 - round % 2] {
+                let before = process_cpu(self.pid)?;
+                let r = load(self.agents[i].clone()).await;
+                let used = process_cpu(self.pid)? - before;
+                anyhow::ensure!(r.errors == 0, "{} requests failed", r.errors);
+                c.cpu[i] += used;
+                c.done[i] += r.requests;
+                per_round[i] = used / r.requests.max(1) as f64;
+                c.reports[i].push(r);
+            }
+            c.ratios.push(per_round[1] / per_round[0]);
+        }
+        c.ratios.sort_by(f64::total_cmp);
+        Ok(c)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Gateway CPU per request without (`[0]`) and with (`[1]`) a feature.
+#[derive(Default)]
+struct CpuComparison {
+    cpu: [f64; 2],
+    done: [usize; 2],
+    /// Per-round ratios with / without, sorted.
+    ratios: Vec<f64>,
+    reports: [Vec<Report>; 2],
+}
+
+impl CpuComparison {
+    /// Microseconds of gateway CPU per request.
+    fn per_request_us(&self, i: usize) -> f64 {
+        self.cpu[i] / self.done[i].max(1) as f64 * 1e6
+    }
+    fn median_ratio(&self) -> f64 {
+        self.ratios
+            .get(self.ratios.len() / 2)
+            .copied()
+            .unwrap_or(0.0)
+    }
+    fn overall_ratio(&self) -> f64 {
+        self.per_request_us(1) / self.per_request_us(0)
+    }
+    fn p50(&self, i: usize) -> Duration {
+        let mut l: Vec<Duration> = self.reports[i]
+            .iter()
+            .flat_map(|r| r.latencies.iter().copied())
+            .collect();
+        l.sort_unstable();
+        l.get(l.len() / 2).copied().unwrap_or_default()
+    }
+    fn rps(&self, i: usize) -> f64 {
+        self.reports[i].iter().map(Report::rps).sum::<f64>() / self.reports[i].len().max(1) as f64
+    }
+}
+
+/// Alternating rounds per side in the paired comparisons.
 const ROUNDS: usize = 6;
-const BUDGET_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/budget-agent";
-const FREE_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/free-agent";
 
 /// The proxy and admin addresses from the gateway's JSON log lines.
 async fn listening_addrs(
@@ -839,13 +917,13 @@ fn process_cpu(pid: u32) -> anyhow::Result<f64> {
 
 /// JSON POSTs accepting gzip, on keep-alive connections.
 async fn post_compressed(
-    agent: &test_harness::agent::AgentClient,
+    agent: test_harness::agent::AgentClient,
     url: &str,
     body: &[u8],
     connections: usize,
     seconds: u64,
 ) -> Report {
-    let (agent, url, body) = (agent.clone(), url.to_string(), body.to_vec());
+    let (url, body) = (url.to_string(), body.to_vec());
     run(connections, seconds, move |until| {
         let (agent, url, body) = (agent.clone(), url.clone(), body.clone());
         async move {
@@ -927,8 +1005,6 @@ async fn first_bytes(
     Ok(all)
 }
 
-const MCP_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/mcp-agent";
-const PLAIN_AGENT: &str = "spiffe://example.org/ns/ai-workloads/sa/plain-agent";
 /// Tools in the `tools/list` answer; the pathway lists half of them (`tool_0*`).
 const LISTED_TOOLS: usize = 200;
 
@@ -972,68 +1048,19 @@ fn mcp_answer(
 /// What MCP pathways cost: `tools/call` CPU per request with and without `mcp` on the
 /// same pathway (the real gateway binary in its own process), and `tools/list` filtering.
 async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
-    use test_harness::ca::TestCa;
-    use test_harness::gateway::{admin_get, gateway_identity, GATEWAY_ID};
-    use test_harness::workload_api::FakeWorkloadApi;
-
-    let binary = std::env::current_exe()?.with_file_name("egress-gateway");
-    anyhow::ensure!(
-        binary.exists(),
-        "{} is missing: build it first (cargo build --release -p egress-gateway)",
-        binary.display()
-    );
     let up = HttpEcho::start_with(mcp_answer).await?;
     let port = up.addr.port();
-    let ca = TestCa::new("example.org");
-    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca)).await?;
-    let dir = tempfile::tempdir()?;
     let pathway = |mcp: &str| {
         format!(
             "      - name: tools\n        destinations: [\"localhost:{port}\"]\n        allow_cidrs: [127.0.0.0/8]\n        upstream: {{ tls: false }}\n{mcp}"
         )
     };
-    let policy = format!(
-        "version: 1\ntrust_domains: [example.org]\nagents:\n  - name: mcp-agent\n    id: {MCP_AGENT}\n    pathways:\n{}  - name: plain-agent\n    id: {PLAIN_AGENT}\n    pathways:\n{}",
-        pathway("        mcp: { tools: [search_docs, \"tool_0*\"] }\n"),
-        pathway("")
-    );
-    std::fs::write(dir.path().join("policy.yaml"), policy)?;
-    let config = dir.path().join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\npolicy: {}\ntelemetry:\n  audit_log: {}\n",
-            dir.path().join("policy.yaml").display(),
-            dir.path().join("audit.log").display()
-        ),
-    )?;
-    let mut child = tokio::process::Command::new(&binary)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("SPIFFE_ENDPOINT_SOCKET", api.endpoint())
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or_default();
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let (proxy, admin) = listening_addrs(stderr).await?;
-    for _ in 0..100 {
-        if admin_get(admin, "/readyz").await.map(|r| r.0).unwrap_or(0) == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let agent = |id: &str| -> anyhow::Result<test_harness::agent::AgentClient> {
-        Ok(
-            test_harness::agent::AgentClient::new(&ca.mint_svid(id), &[ca.root_cert()], proxy)?
-                .expect_gateway_id(GATEWAY_ID),
-        )
-    };
-    let (plain, mcp) = (agent(PLAIN_AGENT)?, agent(MCP_AGENT)?);
+    let gw = PairedGateway::start(
+        &pathway(""),
+        &pathway("        mcp: { tools: [search_docs, \"tool_0*\"] }\n"),
+    )
+    .await?;
+    let [plain, mcp] = &gw.agents;
     let url = format!("http://localhost:{port}/mcp");
     let call = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search_docs","arguments":{"query":"rust"}}}"#.to_vec();
     let list = br#"{"jsonrpc":"2.0","id":8,"method":"tools/list"}"#.to_vec();
@@ -1064,54 +1091,18 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
         "{} keep-alive connections; the gateway in its own process; rounds alternate the two pathways",
         a.connections
     );
-    let mut cpu = [0f64; 2];
-    let mut done = [0usize; 2];
-    let mut ratios = Vec::new();
-    let mut reports: [Vec<Report>; 2] = [Vec::new(), Vec::new()];
-    let clients = [&plain, &mcp];
-    for round in 0..ROUNDS {
-        let mut per_round = [0f64; 2];
-        // Which side goes first alternates too, so neither always follows the other.
-        for i in [round % 2, 1 - round % 2] {
-            let client = clients[i];
-            let before = process_cpu(pid)?;
-            let r = post_mcp(client, &url, &call, a.connections, a.seconds).await;
-            let used = process_cpu(pid)? - before;
-            anyhow::ensure!(r.errors == 0, "{} requests failed", r.errors);
-            cpu[i] += used;
-            done[i] += r.requests;
-            per_round[i] = used / r.requests.max(1) as f64;
-            reports[i].push(r);
-        }
-        ratios.push(per_round[1] / per_round[0]);
-    }
-    ratios.sort_by(f64::total_cmp);
-    let per = |i: usize| cpu[i] / done[i].max(1) as f64 * 1e6;
-    let rps = |i: usize| reports[i].iter().map(Report::rps).sum::<f64>() / ROUNDS as f64;
+    let calls = gw
+        .compare(|client| post_mcp(client, &url, &call, a.connections, a.seconds))
+        .await?;
     println!(
         "tools/call: without mcp {:.1} µs CPU/request, {:.0} req/s ({} requests); with mcp {:.1} µs CPU/request, {:.0} req/s ({} requests); per-round ratios {:.3?}",
-        per(0), rps(0), done[0], per(1), rps(1), done[1], ratios
+        calls.per_request_us(0), calls.rps(0), calls.done[0], calls.per_request_us(1), calls.rps(1), calls.done[1], calls.ratios
     );
 
     // tools/list of 200 tools on one connection: the p50 difference is the filtering.
-    let mut lat: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
-    let mut list_cpu = [0f64; 2];
-    let mut list_done = [0usize; 2];
-    for round in 0..ROUNDS {
-        for i in [round % 2, 1 - round % 2] {
-            let client = clients[i];
-            let before = process_cpu(pid)?;
-            let r = post_mcp(client, &url, &list, 1, a.seconds.div_ceil(2)).await;
-            list_cpu[i] += process_cpu(pid)? - before;
-            anyhow::ensure!(r.errors == 0, "{} list requests failed", r.errors);
-            list_done[i] += r.requests;
-            lat[i].extend(r.latencies);
-        }
-    }
-    for l in &mut lat {
-        l.sort_unstable();
-    }
-    let p50 = |l: &[Duration]| l.get(l.len() / 2).copied().unwrap_or_default();
+    let lists = gw
+        .compare(|client| post_mcp(client, &url, &list, 1, a.seconds.div_ceil(2)))
+        .await?;
     let list_bytes = mcp_answer(&test_harness::upstream::RecordedRequest {
         method: "POST".into(),
         uri: "/mcp".into(),
@@ -1122,20 +1113,99 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
     .unwrap_or_default();
     println!(
         "tools/list ({LISTED_TOOLS} tools, {list_bytes} bytes): unfiltered p50 {:?} ({:.1} µs CPU/request), filtered to 100 p50 {:?} ({:.1} µs CPU/request)",
-        p50(&lat[0]),
-        list_cpu[0] / list_done[0].max(1) as f64 * 1e6,
-        p50(&lat[1]),
-        list_cpu[1] / list_done[1].max(1) as f64 * 1e6,
+        lists.p50(0),
+        lists.per_request_us(0),
+        lists.p50(1),
+        lists.per_request_us(1),
     );
     println!(
         "ratio with mcp / without: tools/call CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.2x); tools/list filtering {:+.1} µs p50 (limit 200 µs), {:+.1} µs CPU/request",
-        ratios[ratios.len() / 2],
-        per(1) / per(0),
-        (p50(&lat[1]).as_secs_f64() - p50(&lat[0]).as_secs_f64()) * 1e6,
-        (list_cpu[1] / list_done[1].max(1) as f64 - list_cpu[0] / list_done[0].max(1) as f64) * 1e6,
+        calls.median_ratio(),
+        calls.overall_ratio(),
+        (lists.p50(1).as_secs_f64() - lists.p50(0).as_secs_f64()) * 1e6,
+        lists.per_request_us(1) - lists.per_request_us(0),
     );
-    let _ = child.kill().await;
+    gw.stop().await;
     Ok(())
+}
+
+/// What `inspect` costs: a 4 KiB OpenAI-style chat body through the same pathway with
+/// and without `inspect.request` (secrets and pii, action deny, nothing found), CPU per
+/// request of the real gateway binary in its own process.
+async fn dlp_bench(a: &Args) -> anyhow::Result<()> {
+    let up = HttpEcho::start_with(|_| {
+        Some(test_harness::upstream::CannedResponse::json(
+            200,
+            &serde_json::json!({"choices": [{"message": {"role": "assistant", "content": "Paris."}}]}),
+        ))
+    })
+    .await?;
+    let port = up.addr.port();
+    let pathway = |inspect: &str| {
+        format!(
+            "      - name: llm\n        destinations: [\"localhost:{port}\"]\n        allow_cidrs: [127.0.0.1/32]\n        upstream: {{ tls: false }}\n{inspect}"
+        )
+    };
+    let gw = PairedGateway::start(
+        &pathway(""),
+        &pathway(
+            "        inspect:\n          request: { detectors: [secrets, pii], action: deny }\n",
+        ),
+    )
+    .await?;
+    let url = format!("http://localhost:{port}/v1/chat/completions");
+    // ~4 KiB of ordinary chat: prose, numbers, a URL, nothing to find.
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You are a careful research assistant. Cite sources."}),
+    ];
+    while serde_json::to_vec(&messages)?.len() < 4000 {
+        messages.push(serde_json::json!({"role": "user", "content": "Summarize the 2023 annual report of ACME Corp (pages 12-18, revenue 4,512 million) and compare it with https://example.com/reports/2022.html in three bullet points."}));
+    }
+    let body =
+        serde_json::to_vec(&serde_json::json!({"model": "gpt-4o-mini", "messages": messages}))?;
+    let leak = serde_json::to_vec(
+        &serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "AKIAQ3EGRXMPLE7KD2VA"}]}),
+    )?;
+    let r = gw.agents[1]
+        .request("POST", &url, &JSON_HEADERS, leak.clone())
+        .await?;
+    anyhow::ensure!(r.status == 403, "the inspected pathway let a key through");
+    let r = gw.agents[0]
+        .request("POST", &url, &JSON_HEADERS, leak)
+        .await?;
+    anyhow::ensure!(r.status == 200, "the plain pathway answered {}", r.status);
+    println!(
+        "{} keep-alive connections, {}-byte chat bodies; the gateway in its own process; rounds alternate the two pathways",
+        a.connections,
+        body.len()
+    );
+    let c = gw
+        .compare(|client| post_json(client, &url, &body, a.connections, a.seconds))
+        .await?;
+    println!(
+        "without inspect {:.1} µs CPU/request, {:.0} req/s, p50 {:?} ({} requests); with inspect {:.1} µs CPU/request, {:.0} req/s, p50 {:?} ({} requests); per-round ratios {:.3?}",
+        c.per_request_us(0), c.rps(0), c.p50(0), c.done[0], c.per_request_us(1), c.rps(1), c.p50(1), c.done[1], c.ratios
+    );
+    println!(
+        "ratio with inspect / without: CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.2x)",
+        c.median_ratio(),
+        c.overall_ratio()
+    );
+    gw.stop().await;
+    Ok(())
+}
+
+const JSON_HEADERS: [(&str, &str); 1] = [("content-type", "application/json")];
+
+/// JSON POSTs on keep-alive connections, each answered 200.
+async fn post_json(
+    agent: test_harness::agent::AgentClient,
+    url: &str,
+    body: &[u8],
+    connections: usize,
+    seconds: u64,
+) -> Report {
+    post_with(agent, url, &JSON_HEADERS, body, connections, seconds).await
 }
 
 const MCP_HEADERS: [(&str, &str); 2] = [
@@ -1145,13 +1215,25 @@ const MCP_HEADERS: [(&str, &str); 2] = [
 
 /// JSON-RPC POSTs on keep-alive connections.
 async fn post_mcp(
-    agent: &test_harness::agent::AgentClient,
+    agent: test_harness::agent::AgentClient,
     url: &str,
     body: &[u8],
     connections: usize,
     seconds: u64,
 ) -> Report {
-    let (agent, url, body) = (agent.clone(), url.to_string(), body.to_vec());
+    post_with(agent, url, &MCP_HEADERS, body, connections, seconds).await
+}
+
+/// POSTs of `body` with `headers` on keep-alive connections, each answered 200.
+async fn post_with(
+    agent: test_harness::agent::AgentClient,
+    url: &str,
+    headers: &'static [(&'static str, &'static str)],
+    body: &[u8],
+    connections: usize,
+    seconds: u64,
+) -> Report {
+    let (url, body) = (url.to_string(), body.to_vec());
     run(connections, seconds, move |until| {
         let (agent, url, body) = (agent.clone(), url.clone(), body.clone());
         async move {
@@ -1162,10 +1244,7 @@ async fn post_mcp(
             };
             while Instant::now() < until {
                 let t = Instant::now();
-                match session
-                    .request("POST", &url, &MCP_HEADERS, body.clone())
-                    .await
-                {
+                match session.request("POST", &url, headers, body.clone()).await {
                     Ok(r) if r.status == 200 => lat.push(t.elapsed()),
                     _ => errors += 1,
                 }
