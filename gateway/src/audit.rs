@@ -2,17 +2,18 @@
 //!
 //! Records go through an unbounded channel to one writer thread, so a slow disk never
 //! holds a request, and nothing accepted into the channel is lost: shutdown drains it
-//! and flushes before returning. The thread writes with plain blocking calls: one
-//! `write` per burst of records, with no hop through the runtime's blocking pool.
+//! and flushes before returning. The thread writes with plain blocking calls, a burst
+//! of records at a time: it waits a millisecond after each burst, so under load records
+//! gather instead of waking it one by one, and nothing hops through the runtime's
+//! blocking pool.
 //!
 //! A file log rotates by size when `audit_log_max_bytes` is set (`audit.log` moves to
 //! `audit.log.1`, `.1` to `.2`, ..., keeping `audit_log_keep` files; a line is never
 //! split between two files), and is reopened on request (SIGUSR1), after an external
 //! rotator such as logrotate moved it.
 
-use std::path::{Path, PathBuf};
-
 use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};

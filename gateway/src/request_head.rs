@@ -312,18 +312,10 @@ struct Linger {
 impl<T: AsyncRead + Unpin> GuardedIo<T> {
     /// Reads more of the connection into `buf`; `Ok(0)` at its end.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let old = self.buf.len();
-        // Zeroed, so the read needs no uninitialized memory.
-        self.buf.resize(old + READ_CHUNK, 0);
-        let mut rb = ReadBuf::new(&mut self.buf[old..]);
-        let polled = Pin::new(&mut self.inner).poll_read(cx, &mut rb);
-        let n = rb.filled().len();
-        self.buf.truncate(old + n);
-        match polled {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
+        // Into the buffer's spare capacity: zeroing 8 KiB before every read was a
+        // measurable share of a small request's CPU.
+        self.buf.reserve(READ_CHUNK);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf)
     }
 
     /// Gives hyper the leading `n` bytes of `buf`.

@@ -92,9 +92,10 @@ impl ListKind {
     ];
 }
 
-/// One JSON-RPC message of a request body.
-struct Message {
-    value: Value,
+/// One JSON-RPC message of a request body, borrowed from it.
+struct Message<'a> {
+    /// The message as the agent wrote it (what is forwarded when a batch is rebuilt).
+    raw: &'a str,
     /// The message as the policy sees it; `None`: not a valid JSON-RPC 2.0 message.
     call: Option<McpCall>,
     /// The `id` as JSON text; `None` for notifications.
@@ -103,29 +104,219 @@ struct Message {
     is_request: bool,
 }
 
-impl Message {
-    fn read(value: Value) -> Message {
-        let obj = value.as_object();
-        let version_ok = obj.and_then(|o| o.get("jsonrpc")) == Some(&Value::from("2.0"));
-        // MCP ids are strings or numbers, never null.
-        let id = obj.and_then(|o| o.get("id")).map(|id| match id {
-            Value::String(_) | Value::Number(_) => Ok(id.to_string()),
-            _ => Err(()),
+/// The members of a JSON-RPC message the gateway reads, as written; any other member
+/// is skipped. One of these given twice makes the message invalid: a server reading
+/// the other copy must never see something other than what was checked.
+#[derive(Default)]
+struct Envelope<'a> {
+    jsonrpc: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    method: Option<&'a RawValue>,
+    params: Option<Params<'a>>,
+    result: Option<&'a RawValue>,
+    error: Option<&'a RawValue>,
+}
+
+impl<'de> serde::Deserialize<'de> for Envelope<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Envelope<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON-RPC message")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut e = Envelope::default();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let slot = match k.as_ref() {
+                        "params" => {
+                            if e.params.replace(m.next_value()?).is_some() {
+                                return Err(serde::de::Error::custom("duplicate key"));
+                            }
+                            continue;
+                        }
+                        "jsonrpc" => &mut e.jsonrpc,
+                        "id" => &mut e.id,
+                        "method" => &mut e.method,
+                        "result" => &mut e.result,
+                        "error" => &mut e.error,
+                        _ => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.replace(m.next_value()?).is_some() {
+                        return Err(serde::de::Error::custom("duplicate key"));
+                    }
+                }
+                Ok(e)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// `params` members a call is decided on, as written; duplicates are refused.
+/// `params` that is not an object (JSON-RPC allows an array) names nothing.
+#[derive(Default)]
+struct Params<'a> {
+    name: Option<&'a RawValue>,
+    uri: Option<&'a RawValue>,
+    arguments: Option<&'a RawValue>,
+}
+
+impl<'de> serde::Deserialize<'de> for Params<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Params<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON-RPC params")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut p = Params::default();
+                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                    let slot = match k.as_ref() {
+                        "name" => &mut p.name,
+                        "uri" => &mut p.uri,
+                        "arguments" => &mut p.arguments,
+                        _ => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.replace(m.next_value()?).is_some() {
+                        return Err(serde::de::Error::custom("duplicate key"));
+                    }
+                }
+                Ok(p)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Params::default())
+            }
+            fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Params::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a raw JSON value is, by its first byte.
+fn is_string(raw: &RawValue) -> bool {
+    raw.get().starts_with('"')
+}
+
+fn is_number(raw: &RawValue) -> bool {
+    raw.get()
+        .starts_with(|c: char| c == '-' || c.is_ascii_digit())
+}
+
+fn as_string(raw: Option<&RawValue>) -> Option<String> {
+    raw.filter(|r| is_string(r))
+        .and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+impl<'a> Message<'a> {
+    fn read(raw: &'a str) -> Message<'a> {
+        Message::from_envelope(raw, serde_json::from_str::<Envelope<'a>>(raw).ok())
+    }
+
+    /// `envelope`: `raw` read, or `None` when it is not a JSON-RPC message object.
+    fn from_envelope(raw: &'a str, envelope: Option<Envelope<'a>>) -> Message<'a> {
+        let Some(e) = envelope else {
+            return Message {
+                raw,
+                call: None,
+                id: None,
+                is_request: false,
+            };
+        };
+        let version_ok = as_string(e.jsonrpc).as_deref() == Some("2.0");
+        // MCP ids are strings or numbers, never null; the text is normalized so an
+        // answer's `id` compares equal however it was escaped.
+        let id = e.id.map(|id| {
+            if is_string(id) || is_number(id) {
+                serde_json::from_str::<Value>(id.get())
+                    .map(|v| v.to_string())
+                    .map_err(|_| ())
+            } else {
+                Err(())
+            }
         });
-        let method = obj.and_then(|o| o.get("method"));
-        let answers = obj.is_some_and(|o| o.contains_key("result") || o.contains_key("error"));
+        // An invalid message still carries its id into the gateway's error answer.
+        let invalid = Message {
+            raw,
+            call: None,
+            id: id.clone().and_then(Result::ok),
+            is_request: false,
+        };
+        let answers = e.result.is_some() || e.error.is_some();
+        let method = e.method.map(|m| as_string(Some(m)).ok_or(()));
         let valid = version_ok
             && !matches!(id, Some(Err(())))
-            && match method {
-                Some(m) => m.is_string() && !answers,
+            && match &method {
+                Some(m) => m.is_ok() && !answers,
                 None => matches!(id, Some(Ok(_))) && answers,
             };
+        if !valid {
+            return invalid;
+        }
+        let is_request = method.is_some() && matches!(id, Some(Ok(_)));
+        let method = method.and_then(Result::ok).unwrap_or_default();
         let id = id.and_then(Result::ok);
+        // Members of the wrong type count as none.
+        let params = e.params.unwrap_or_default();
+        let name = match method.as_str() {
+            egress_policy::mcp::TOOLS_CALL | egress_policy::mcp::PROMPTS_GET => {
+                as_string(params.name)
+            }
+            egress_policy::mcp::RESOURCES_READ | egress_policy::mcp::RESOURCES_SUBSCRIBE => {
+                as_string(params.uri)
+            }
+            _ => None,
+        };
+        let arguments = match method.as_str() {
+            egress_policy::mcp::TOOLS_CALL | egress_policy::mcp::PROMPTS_GET => params
+                .arguments
+                .and_then(|a| serde_json::from_str::<serde_json::Map<String, Value>>(a.get()).ok())
+                .unwrap_or_default(),
+            _ => serde_json::Map::new(),
+        };
         Message {
-            call: valid.then(|| McpCall::from_message(&value)),
-            is_request: valid && method.is_some() && id.is_some(),
+            raw,
+            is_request,
             id,
-            value,
+            call: Some(McpCall {
+                method,
+                name,
+                arguments,
+            }),
         }
     }
 
@@ -155,12 +346,30 @@ impl Message {
 }
 
 /// The JSON-RPC messages of a body: one, or a batch. `None`: not JSON-RPC at all.
-fn read_messages(body: &[u8]) -> Option<(Vec<Message>, bool)> {
-    match serde_json::from_slice::<Value>(body).ok()? {
-        Value::Array(items) if !items.is_empty() => {
-            Some((items.into_iter().map(Message::read).collect(), true))
+fn read_messages(body: &[u8]) -> Option<(Vec<Message<'_>>, bool)> {
+    match body.iter().find(|b| !b.is_ascii_whitespace())? {
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
+            (!items.is_empty()).then(|| {
+                (
+                    items.into_iter().map(|m| Message::read(m.get())).collect(),
+                    true,
+                )
+            })
         }
-        v @ Value::Object(_) => Some((vec![Message::read(v)], false)),
+        b'{' => {
+            // One message, read in place: a body that does not read as a message is
+            // still one (invalid) if it is JSON at all.
+            let text = std::str::from_utf8(body).ok()?.trim();
+            let envelope = match serde_json::from_str::<Envelope<'_>>(text) {
+                Ok(e) => Some(e),
+                Err(_) => {
+                    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+                    None
+                }
+            };
+            Some((vec![Message::from_envelope(text, envelope)], false))
+        }
         _ => None,
     }
 }
@@ -304,13 +513,18 @@ impl Proxy {
             return Ok(d);
         }
 
-        let ReqBody::Buffered(raw) = &body else {
-            return Err(refuse(
-                ex,
-                Refusal::BadRequest("cannot read the request body".into()),
-            ));
+        // The messages borrow the body's bytes (a cheap clone), not `body`, which may be
+        // replaced by the re-encoded batch.
+        let raw = match &body {
+            ReqBody::Buffered(raw) => raw.clone(),
+            _ => {
+                return Err(refuse(
+                    ex,
+                    Refusal::BadRequest("cannot read the request body".into()),
+                ))
+            }
         };
-        let text = match super::llm::decoded_request_body(headers, raw, limit) {
+        let text = match super::llm::decoded_request_body(headers, &raw, limit) {
             Ok(t) => t,
             Err(refusal) => return Err(refuse(ex, refusal)),
         };
@@ -446,25 +660,18 @@ impl Proxy {
 
         // Forward only what was allowed; a batch that shrinks to one message is sent
         // as that message (servers on MCP 2025-06-18 no longer take batches).
-        let kept: Vec<&Message> = messages
+        let kept: Vec<&Message<'_>> = messages
             .iter()
             .zip(&forwarded)
             .filter_map(|(m, f)| f.then_some(m))
             .collect();
         if kept.len() < messages.len() || decoded {
+            // The kept messages as the agent wrote them.
             let out = if batch && kept.len() > 1 {
-                serde_json::to_vec(&kept.iter().map(|m| &m.value).collect::<Vec<_>>())
+                let texts: Vec<&str> = kept.iter().map(|m| m.raw).collect();
+                Bytes::from(format!("[{}]", texts.join(",")))
             } else {
-                serde_json::to_vec(&kept[0].value)
-            };
-            let out = match out {
-                Ok(o) => Bytes::from(o),
-                Err(e) => {
-                    return Err(refuse(
-                        ex,
-                        Refusal::BadRequest(format!("cannot re-encode the batch: {e}")),
-                    ))
-                }
+                Bytes::copy_from_slice(kept[0].raw.as_bytes())
             };
             headers.remove(header::CONTENT_ENCODING);
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
@@ -1373,6 +1580,14 @@ mod tests {
         assert!(m[2].call.is_none(), "a null id");
         assert!(m[3].call.is_none(), "not 2.0");
         assert!(m[4].call.is_some() && !m[4].is_request, "a response");
+        // A member given twice: which copy the server reads is unknown, so neither is.
+        let (m, _) = read_messages(
+            br#"[{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search_docs","name":"delete_repo"}},
+            {"jsonrpc":"2.0","id":6,"method":"tools/list","method":"tools/call","params":{"name":"delete_repo"}}]"#,
+        )
+        .unwrap();
+        assert!(m[0].call.is_none());
+        assert!(m[1].call.is_none());
         assert!(read_messages(b"[]").is_none());
         assert!(read_messages(b"nope").is_none());
         assert!(read_messages(b"42").is_none());

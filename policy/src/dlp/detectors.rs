@@ -172,13 +172,34 @@ pub(crate) fn number_starts(v: &[u8], from: usize, min_digits: usize) -> NumberS
     let mut out = NumberStarts::default();
     let mut groups: Vec<(usize, usize)> = Vec::new();
     let mut i = from;
-    while let Some(k) = v
-        .get(i..)
-        .and_then(|rest| rest.iter().position(u8::is_ascii_digit))
-    {
-        i = walk_run(v, i + k, from, min_digits, &mut out, &mut groups);
+    while let Some(start) = next_digit(v, i) {
+        i = walk_run(v, start, from, min_digits, &mut out, &mut groups);
     }
     out
+}
+
+/// The first ASCII digit at or after `i`, eight bytes at a time: most of a body is
+/// not digits, and a byte-by-byte search was the scanner's largest cost.
+fn next_digit(v: &[u8], mut i: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = v.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // Per byte b < 0x80: b + 0x50 has its high bit set iff b >= 0x30, b + 0x46
+        // iff b >= 0x3a; bytes >= 0x80 are masked out first (no carries) and last.
+        let low = w & !HIGH;
+        let digits = low.wrapping_add(0x50 * ONES) & !low.wrapping_add(0x46 * ONES) & !w & HIGH;
+        if digits != 0 {
+            return Some(i + (digits.trailing_zeros() / 8) as usize);
+        }
+        i += 8;
+    }
+    v.get(i..)?
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map(|k| i + k)
 }
 
 /// Records what starts at the digit `start`; returns where its run ends.
@@ -685,6 +706,26 @@ mod search_tests {
                 .collect();
             assert!(!plain.is_empty(), "{}", b.name);
             assert_eq!(anchored_matches(v, b), plain, "{}", b.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod next_digit_tests {
+    use super::next_digit;
+
+    #[test]
+    fn finds_the_first_digit_like_a_byte_search() {
+        let mut bytes: Vec<u8> = (0u8..=255).collect();
+        bytes.extend_from_slice(b"no digits here at all, none./:@`");
+        for start in 0..bytes.len() {
+            for end in start..bytes.len().min(start + 40) {
+                let v = &bytes[start..end];
+                for i in 0..=v.len() {
+                    let expect = v[i..].iter().position(u8::is_ascii_digit).map(|k| i + k);
+                    assert_eq!(next_digit(v, i), expect, "{v:?} from {i}");
+                }
+            }
         }
     }
 }

@@ -805,9 +805,16 @@ impl PairedGateway {
         Fut: std::future::Future<Output = Report>,
     {
         let mut c = CpuComparison::default();
+        // `LOADGEN_SIDE=0|1` runs one side only, e.g. to profile it alone.
+        let only: Option<usize> = std::env::var("LOADGEN_SIDE")
+            .ok()
+            .and_then(|v| v.parse().ok());
         for round in 0..ROUNDS {
             let mut per_round = [0f64; 2];
             for i in [round % 2, 1 - round % 2] {
+                if only.is_some_and(|o| o != i) {
+                    continue;
+                }
                 let before = process_cpu(self.pid)?;
                 let r = load(self.agents[i].clone()).await;
                 let used = process_cpu(self.pid)? - before;
@@ -820,6 +827,10 @@ impl PairedGateway {
             c.ratios.push(per_round[1] / per_round[0]);
         }
         c.ratios.sort_by(f64::total_cmp);
+        if only.is_some() {
+            // A pause between phases, for a profiler to dump the counts of this one.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
         Ok(c)
     }
 

@@ -1,0 +1,3 @@
+module egressbench/loadclient
+
+go 1.24
