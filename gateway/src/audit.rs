@@ -119,6 +119,18 @@ pub struct DlpFinding {
     pub count: u32,
 }
 
+/// Adds findings to a line's `dlp`, one entry per detector, direction and action.
+pub fn merge_dlp(into: &mut Vec<DlpFinding>, entries: Vec<DlpFinding>) {
+    for e in entries {
+        match into.iter_mut().find(|f| {
+            f.detector == e.detector && f.direction == e.direction && f.action == e.action
+        }) {
+            Some(f) => f.count = f.count.saturating_add(e.count),
+            None => into.push(e),
+        }
+    }
+}
+
 enum Msg {
     Record(Box<AuditRecord>),
     Flush(oneshot::Sender<()>),

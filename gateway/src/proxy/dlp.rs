@@ -8,7 +8,7 @@
 //! is cut and the audit line says so.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -21,12 +21,12 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::encoding::{self, Coding, Decoder};
-use super::exchange::Exchange;
-use super::forward::ReqBody;
+use super::exchange::{DlpReport, Exchange};
 use super::guard::{Question, Verdict};
 use super::refusal::Refusal;
+use super::request_body::ReqBody;
 use super::{PeerIdentity, Proxy};
-use crate::audit::{AuditRecord, DlpFinding};
+use crate::audit::DlpFinding;
 
 /// A response chunk that decodes to more than this is not inspected: the stream is cut
 /// (a compression bomb must not make the gateway buffer it).
@@ -61,18 +61,6 @@ pub fn audit_entries(
         .collect()
 }
 
-/// Adds entries to a line, merging counts of the same detector, direction and action.
-pub fn merge_into(record: &mut AuditRecord, entries: Vec<DlpFinding>) {
-    for e in entries {
-        match record.dlp.iter_mut().find(|f| {
-            f.detector == e.detector && f.direction == e.direction && f.action == e.action
-        }) {
-            Some(f) => f.count = f.count.saturating_add(e.count),
-            None => record.dlp.push(e),
-        }
-    }
-}
-
 /// The detectors named in a refusal: `openai_api_key, email`.
 fn named(findings: &Findings) -> String {
     findings
@@ -80,59 +68,6 @@ fn named(findings: &Findings) -> String {
         .map(|(d, _)| d)
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// What the response phase found, shared between the streaming body and the exchange
-/// that writes the line when the body ends.
-#[derive(Debug, Default)]
-pub struct DlpReport {
-    inner: Mutex<ReportInner>,
-}
-
-#[derive(Debug, Default)]
-struct ReportInner {
-    entries: Vec<DlpFinding>,
-    /// The stream was cut: by a `deny` finding (`true`) or because it could not be read.
-    cut: Option<(bool, String)>,
-}
-
-impl DlpReport {
-    fn add(&self, findings: &Findings, action: DlpAction) {
-        if let Ok(mut g) = self.inner.lock() {
-            let entries = audit_entries(findings, RESPONSE, action);
-            let mut scratch = AuditRecord {
-                dlp: std::mem::take(&mut g.entries),
-                ..Default::default()
-            };
-            merge_into(&mut scratch, entries);
-            g.entries = scratch.dlp;
-        }
-    }
-
-    fn cut(&self, denied: bool, reason: String) {
-        if let Ok(mut g) = self.inner.lock() {
-            g.cut.get_or_insert((denied, reason));
-        }
-    }
-
-    /// Puts the response's findings on the line; a cut stream is a denial (a finding
-    /// the pathway denies) or an error.
-    pub fn apply(&self, record: &mut AuditRecord) {
-        let Ok(mut g) = self.inner.lock() else {
-            return;
-        };
-        merge_into(record, std::mem::take(&mut g.entries));
-        match g.cut.take() {
-            Some((true, reason)) => {
-                record.decision = "deny";
-                record.enforced = true;
-                record.reason = reason.clone();
-                record.error = Some(format!("response cut: {reason}"));
-            }
-            Some((false, reason)) => record.error = Some(format!("response cut: {reason}")),
-            None => {}
-        }
-    }
 }
 
 /// DLP of the request phase: reads the body (bounded by the pathway's `max_request_body_bytes`
@@ -529,7 +464,8 @@ where
                 *this.done = true;
             }
             if !findings.is_empty() {
-                this.report.add(&findings, *this.action);
+                this.report
+                    .add(audit_entries(&findings, RESPONSE, *this.action));
                 if *this.action == DlpAction::Deny {
                     // Only event streams are inspected this way under `deny`: earlier
                     // chunks went out (scanned clean); the agent's SDK sees an error event.

@@ -3,7 +3,7 @@
 //! Dropping an unfinished `Exchange` still writes its audit line, so an aborted request
 //! (client gone, task cancelled) is never missing from the log.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use egress_policy::Decision;
@@ -11,10 +11,9 @@ use egress_policy::Decision;
 use http::HeaderMap;
 use opentelemetry::KeyValue;
 
-use crate::audit::{now_rfc3339, AuditLog, AuditRecord, DlpFinding};
+use crate::audit::{merge_dlp, now_rfc3339, AuditLog, AuditRecord, DlpFinding};
 use crate::telemetry::{RequestSpan, Telemetry, TraceContext};
 
-use super::dlp::DlpReport;
 use super::llm::{Accounting, Provider};
 use super::refusal::Refusal;
 use super::PeerIdentity;
@@ -133,7 +132,7 @@ impl Exchange {
     /// Marks a request read inside intercepted TLS (audit `tls_intercepted`).
     /// Request-phase DLP findings.
     pub fn add_dlp(&mut self, entries: Vec<DlpFinding>) {
-        super::dlp::merge_into(self.rec(), entries);
+        merge_dlp(&mut self.rec().dlp, entries);
     }
 
     /// A denial `mode: audit` does not enforce: logged as `deny`, `enforced: false`.
@@ -263,6 +262,53 @@ impl Exchange {
                 self.audit.record(line);
             }
             self.audit.record(record);
+        }
+    }
+}
+
+/// What inspecting a streamed response found, shared between the body that scans it
+/// and the exchange, which writes the line when the body ends.
+#[derive(Debug, Default)]
+pub struct DlpReport {
+    inner: Mutex<ReportInner>,
+}
+
+#[derive(Debug, Default)]
+struct ReportInner {
+    entries: Vec<DlpFinding>,
+    /// The stream was cut: by a `deny` finding (`true`) or because it could not be read.
+    cut: Option<(bool, String)>,
+}
+
+impl DlpReport {
+    pub fn add(&self, entries: Vec<DlpFinding>) {
+        if let Ok(mut g) = self.inner.lock() {
+            merge_dlp(&mut g.entries, entries);
+        }
+    }
+
+    pub fn cut(&self, denied: bool, reason: String) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.cut.get_or_insert((denied, reason));
+        }
+    }
+
+    /// Puts the response's findings on the line; a cut stream is a denial (a finding
+    /// the pathway denies) or an error.
+    fn apply(&self, record: &mut AuditRecord) {
+        let Ok(mut g) = self.inner.lock() else {
+            return;
+        };
+        merge_dlp(&mut record.dlp, std::mem::take(&mut g.entries));
+        match g.cut.take() {
+            Some((true, reason)) => {
+                record.decision = "deny";
+                record.enforced = true;
+                record.error = Some(format!("response cut: {reason}"));
+                record.reason = reason;
+            }
+            Some((false, reason)) => record.error = Some(format!("response cut: {reason}")),
+            None => {}
         }
     }
 }

@@ -28,8 +28,8 @@ use serde_json::{json, Value};
 
 use super::encoding::{self, Coding};
 use super::exchange::{ByteCounts, Exchange, McpFields};
-use super::forward::ReqBody;
 use super::refusal::{full, Refusal};
+use super::request_body::ReqBody;
 use super::target::Target;
 use super::{header_pairs, refuse, PeerIdentity, Proxy, ProxyBody};
 use crate::telemetry::TraceContext;

@@ -17,6 +17,7 @@ mod metered;
 pub mod peer_lifetime;
 mod refusal;
 pub mod registry;
+mod request_body;
 pub mod target;
 mod tunnel;
 
