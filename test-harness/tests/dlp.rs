@@ -16,6 +16,7 @@ use test_harness::gateway::{GatewayOptions, World};
 use test_harness::guard::{GuardMode, TestGuard};
 use test_harness::interop::{client_command, interop_dir, interop_python, run};
 use test_harness::llm_upstream::TlsLlm;
+use test_harness::otlp::OtlpReceiver;
 use test_harness::resolver::StaticResolver;
 use test_harness::sidecar::TestSidecar;
 use test_harness::upstream::{CannedResponse, HttpEcho, RecordedRequest};
@@ -172,7 +173,16 @@ async fn request_findings_are_denied_redacted_or_audited_and_logged_without_the_
     let up = HttpEcho::start().await.unwrap();
     let port = up.addr.port();
     let pathways = per_action(port, REQUEST_SCAN, &["deny", "redact", "audit"]);
-    let w = World::start(&policy(&pathways)).await.unwrap();
+    let otlp = OtlpReceiver::start().await.unwrap();
+    let w = World::start_with(
+        &policy(&pathways),
+        GatewayOptions {
+            otlp_endpoint: Some(otlp.endpoint()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let agent = w.agent(AGENT).unwrap();
 
     // deny: a 403 naming the detector; nothing reaches the destination.
@@ -254,6 +264,18 @@ async fn request_findings_are_denied_redacted_or_audited_and_logged_without_the_
     assert_eq!(r.status, 200);
     assert_eq!(up.requests().pop().unwrap().body, clean);
     assert!(line_for(&w, "/deny/v1/clean").await.get("dlp").is_none());
+
+    // The span says what the line says, never the text.
+    let spans = otlp.wait_for_spans(4).await;
+    let denied = spans
+        .iter()
+        .find(|s| s.str("url.path") == Some("/deny/v1/chat/completions"))
+        .expect("a span for the denied request");
+    assert_eq!(
+        denied.str("egress.dlp"),
+        Some("openai_api_key/request/deny=1")
+    );
+    assert!(spans.iter().all(|s| !format!("{s:?}").contains("sk-proj-")));
 
     let m = w.gateway.metrics().await.unwrap();
     assert_eq!(

@@ -486,13 +486,14 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // The pathway with a response scan, and the scan; `mode: audit` logs what a
         // `deny` would have refused and passes the response on.
-        let audit_only = self.policy.current().mode() == egress_policy::Mode::Audit;
         let scanned = inspect.as_deref().and_then(|p| {
             p.inspect
                 .as_ref()
                 .and_then(|i| i.response.clone())
                 .map(|mut scan| {
-                    if audit_only && scan.action == egress_policy::inspect::DlpAction::Deny {
+                    if scan.action == egress_policy::inspect::DlpAction::Deny
+                        && self.policy.current().mode() == egress_policy::Mode::Audit
+                    {
                         scan.action = egress_policy::inspect::DlpAction::Audit;
                     }
                     (p, scan)
