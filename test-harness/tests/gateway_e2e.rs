@@ -692,3 +692,49 @@ agents:
     );
     w.shutdown().await;
 }
+
+/// A server that speaks first (SMTP, SSH): its banner reaches the agent through the
+/// tunnel before the agent sends anything, and the rest flows both ways after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_to_a_server_that_speaks_first_carries_its_banner_and_then_both_ways() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"220 banner ready\r\n").await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+            }
+        }
+    });
+    let up = upstreams().await;
+    let w = World::start(&policy(port, up.http.addr.port()))
+        .await
+        .unwrap();
+    let agent = w.agent(RESEARCH).unwrap();
+    let tunnel = agent
+        .connect_tunnel(&format!("localhost:{port}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(tunnel.status, 200);
+    let mut s = tunnel.stream.unwrap();
+    let mut banner = [0u8; 18];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner))
+        .await
+        .expect("the banner arrives without the agent speaking")
+        .unwrap();
+    assert_eq!(&banner, b"220 banner ready\r\n");
+    // More than the first small read, so the relay's own buffers carry the rest.
+    let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    s.write_all(&sent).await.unwrap();
+    let mut back = vec![0u8; sent.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("the echo comes back")
+        .unwrap();
+    assert_eq!(back, sent);
+    w.shutdown().await;
+}
