@@ -355,6 +355,32 @@ async fn encodings_a_large_body_or_the_gateways_own_credential_do_not_hide_a_sec
     .await;
     denied(&r, "aws_access_key_id");
 
+    // A coding the gateway cannot decode is refused, never forwarded unscanned; so are
+    // codings stacked in repeated headers.
+    let before = up.requests().len();
+    for headers in [
+        vec![
+            ("content-type", "application/json"),
+            ("content-encoding", "x-private"),
+        ],
+        vec![
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-encoding", "gzip"),
+        ],
+    ] {
+        let r = post(
+            &agent,
+            port,
+            "/deny/coding",
+            &headers,
+            gzip(&gzip(&chat(AWS_KEY))),
+        )
+        .await;
+        assert_eq!(r.status, 415, "{headers:?}");
+    }
+    assert_eq!(up.requests().len(), before);
+
     // A PEM key written as JSON-escaped lines, and with its dashes as \u escapes.
     let r = post(&agent, port, "/deny/pem", &JSON, chat(PEM_KEY)).await;
     denied(&r, "private_key");
@@ -469,6 +495,21 @@ fn pii_answers(req: &RecordedRequest) -> Option<CannedResponse> {
             body: gzip(answer.to_string().as_bytes()),
         });
     }
+    if req.uri.ends_with("/unknown-coding") || req.uri.ends_with("/garbled") {
+        let coding = if req.uri.ends_with("/garbled") {
+            "gzip"
+        } else {
+            "x-private"
+        };
+        return Some(CannedResponse {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("content-encoding".into(), coding.into()),
+            ],
+            body: format!("not {coding} at all, {EMAIL}").into_bytes(),
+        });
+    }
     if req.uri.ends_with("/sse") {
         let mut body = String::new();
         for delta in ["Write to ", &format!("{EMAIL} today"), " thanks"] {
@@ -540,6 +581,30 @@ async fn responses_are_redacted_denied_or_audited_as_they_stream() {
     assert!(text.contains("[REDACTED:email] today"), "{text}");
     assert!(!text.contains(EMAIL));
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // What the gateway cannot read it does not pass: a coding it does not know is a
+    // 502, a body that does not decode is cut, and the lines say so.
+    let r = get("/redact/unknown-coding").await;
+    assert_eq!(r.status, 502);
+    assert!(!String::from_utf8_lossy(&r.body).contains(EMAIL));
+    let line = line_for(&w, "/redact/unknown-coding").await;
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot be inspected"),
+        "{line}"
+    );
+    let r = get("/redact/garbled").await;
+    assert!(!String::from_utf8_lossy(&r.body).contains(EMAIL));
+    let line = line_for(&w, "/redact/garbled").await;
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("response cut"),
+        "{line}"
+    );
 
     // deny, JSON: a 403 naming the detector, nothing of the answer.
     let r = get("/deny/json").await;

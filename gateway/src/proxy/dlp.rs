@@ -20,7 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::encoding::{self, Coding, Decoder};
+use super::encoding::{self, Bounded, Coding, Decoder};
 use super::exchange::{DlpReport, Exchange};
 use super::guard::{Question, Verdict};
 use super::refusal::Refusal;
@@ -322,26 +322,6 @@ pub async fn buffer_response(
     Ok(raw)
 }
 
-/// The decoder's sink: what one chunk decoded to, capped.
-struct ChunkSink {
-    out: Vec<u8>,
-    over: bool,
-}
-
-impl std::io::Write for ChunkSink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.out.len() + buf.len() > MAX_DECODED_CHUNK {
-            self.over = true;
-            return Err(std::io::ErrorKind::OutOfMemory.into());
-        }
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 pin_project_lite::pin_project! {
     /// A response body scanned as it streams: decoded, passed through the stream
     /// scanner (which holds back a bounded tail so a match across chunks is whole),
@@ -350,7 +330,7 @@ pin_project_lite::pin_project! {
     pub struct InspectedBody<B> {
         #[pin]
         inner: B,
-        decoder: Option<Decoder<ChunkSink>>,
+        decoder: Option<Decoder<Bounded>>,
         scanner: StreamScanner,
         action: DlpAction,
         report: Arc<DlpReport>,
@@ -373,15 +353,8 @@ impl<B> InspectedBody<B> {
         pathway: String,
         trace_id: String,
     ) -> Self {
-        let decoder = (coding != Coding::Identity).then(|| {
-            Decoder::new(
-                coding,
-                ChunkSink {
-                    out: Vec::new(),
-                    over: false,
-                },
-            )
-        });
+        let decoder = (coding != Coding::Identity)
+            .then(|| Decoder::new(coding, Bounded::new(MAX_DECODED_CHUNK)));
         InspectedBody {
             inner,
             decoder,
@@ -401,7 +374,7 @@ impl<B> InspectedBody<B> {
 }
 
 /// Decoded bytes of one chunk; `None` when the stream cannot be decoded.
-fn decode(decoder: &mut Option<Decoder<ChunkSink>>, data: &[u8], last: bool) -> Option<Vec<u8>> {
+fn decode(decoder: &mut Option<Decoder<Bounded>>, data: &[u8], last: bool) -> Option<Vec<u8>> {
     let Some(d) = decoder else {
         return Some(data.to_vec());
     };

@@ -229,11 +229,7 @@ pub fn decode_all(coding: Coding, data: &[u8], limit: u64) -> Result<Vec<u8>, De
     }
     let mut d = Decoder::new(
         coding,
-        Bounded {
-            out: Vec::new(),
-            limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            over: false,
-        },
+        Bounded::new(usize::try_from(limit).unwrap_or(usize::MAX)),
     );
     d.write(data);
     let ok = d.finish();
@@ -247,10 +243,21 @@ pub fn decode_all(coding: Coding, data: &[u8], limit: u64) -> Result<Vec<u8>, De
 }
 
 /// A sink that refuses to grow past `limit` (a decompression bomb stops there).
-struct Bounded {
-    out: Vec<u8>,
+pub struct Bounded {
+    pub out: Vec<u8>,
     limit: usize,
-    over: bool,
+    /// Set once a write would have passed `limit`.
+    pub over: bool,
+}
+
+impl Bounded {
+    pub fn new(limit: usize) -> Bounded {
+        Bounded {
+            out: Vec::new(),
+            limit,
+            over: false,
+        }
+    }
 }
 
 impl Write for Bounded {

@@ -131,24 +131,16 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
             ) -> Result<Self::Value, A::Error> {
                 let mut e = Envelope::default();
                 while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    let slot = match k.as_ref() {
-                        "params" => {
-                            if e.params.replace(m.next_value()?).is_some() {
-                                return Err(serde::de::Error::custom("duplicate key"));
-                            }
-                            continue;
-                        }
-                        "jsonrpc" => &mut e.jsonrpc,
-                        "id" => &mut e.id,
-                        "method" => &mut e.method,
-                        "result" => &mut e.result,
-                        "error" => &mut e.error,
-                        _ => {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
-                        }
+                    let first = match k.as_ref() {
+                        "params" => first_of(&mut e.params, m.next_value()?),
+                        "jsonrpc" => first_of(&mut e.jsonrpc, m.next_value()?),
+                        "id" => first_of(&mut e.id, m.next_value()?),
+                        "method" => first_of(&mut e.method, m.next_value()?),
+                        "result" => first_of(&mut e.result, m.next_value()?),
+                        "error" => first_of(&mut e.error, m.next_value()?),
+                        _ => skip(&mut m)?,
                     };
-                    if slot.replace(m.next_value()?).is_some() {
+                    if !first {
                         return Err(serde::de::Error::custom("duplicate key"));
                     }
                 }
@@ -157,6 +149,17 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
         }
         d.deserialize_map(V)
     }
+}
+
+/// Stores a member's value; false when the member was already given.
+fn first_of<T>(slot: &mut Option<T>, value: T) -> bool {
+    slot.replace(value).is_none()
+}
+
+/// Skips a member the gateway does not read.
+fn skip<'de, A: serde::de::MapAccess<'de>>(m: &mut A) -> Result<bool, A::Error> {
+    m.next_value::<serde::de::IgnoredAny>()?;
+    Ok(true)
 }
 
 /// `params` members a call is decided on, as written; duplicates are refused.
@@ -182,16 +185,13 @@ impl<'de> serde::Deserialize<'de> for Params<'de> {
             ) -> Result<Self::Value, A::Error> {
                 let mut p = Params::default();
                 while let Some(k) = m.next_key::<Cow<'de, str>>()? {
-                    let slot = match k.as_ref() {
-                        "name" => &mut p.name,
-                        "uri" => &mut p.uri,
-                        "arguments" => &mut p.arguments,
-                        _ => {
-                            m.next_value::<serde::de::IgnoredAny>()?;
-                            continue;
-                        }
+                    let first = match k.as_ref() {
+                        "name" => first_of(&mut p.name, m.next_value()?),
+                        "uri" => first_of(&mut p.uri, m.next_value()?),
+                        "arguments" => first_of(&mut p.arguments, m.next_value()?),
+                        _ => skip(&mut m)?,
                     };
-                    if slot.replace(m.next_value()?).is_some() {
+                    if !first {
                         return Err(serde::de::Error::custom("duplicate key"));
                     }
                 }
