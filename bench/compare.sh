@@ -12,6 +12,7 @@
 #   BULK_MB=200       size of the bulk download (QUICK=1: 50)
 #   IDLE_TUNNELS=1000 idle tunnels held open for the memory measure (QUICK=1: 200)
 #   RATE=1000         open-loop request rate
+#   ONLY=bulk,idle    run only these measures (bulk, closed, open, newconn, idle)
 #   GATEWAY_BIN=path  use this egress-gateway binary instead of building it
 #   CARGO=cargo       the cargo to build the gateway with
 #   KEEP=1            keep the work directory (certificates, configs, logs, raw samples)
@@ -267,7 +268,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     -smokescreen "$smoke,$smoke_pid" \
     -ghostunnel "$ghost,$ghost_pid" \
     -first-round "$round" -rounds 1 -duration "$DURATION" -bulk-bytes "$((BULK_MB * 1000000))" \
-    -idle-tunnels "$IDLE_TUNNELS" -rate "$RATE" -raw "$work/samples.jsonl"
+    -idle-tunnels "$IDLE_TUNNELS" -rate "$RATE" -only "${ONLY:-}" -raw "$work/samples.jsonl"
   stop_round
   # Count what each system logged, then drop the files, so long runs do not fill /tmp.
   for log in gateway-audit gateway-otlp-audit smokescreen ghostunnel; do

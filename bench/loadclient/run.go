@@ -62,7 +62,11 @@ type runner struct {
 	errors      map[string]int
 	round       int
 	openLatency map[string][2]float64 // p50, p99 of this round, for the added latency
+	only        map[string]bool       // the measures to run; empty: all
 }
+
+// runs reports whether measure group g (bulk, closed, open, newconn, idle) is to run.
+func (r *runner) runs(g string) bool { return len(r.only) == 0 || r.only[g] }
 
 func (r *runner) record(measure, sys string, v float64) {
 	s := sample{Round: r.round, Measure: measure, System: sys, Value: v}
@@ -113,6 +117,7 @@ func cmdRun(args []string) error {
 	idle := fs.Int("idle-tunnels", 1000, "idle tunnels for the RSS measure")
 	rate := fs.Int("rate", 1000, "open-loop request rate")
 	outPath := fs.String("raw", "", "file the samples are appended to (JSON lines)")
+	only := fs.String("only", "", "comma-separated measures to run (bulk, closed, open, newconn, idle); empty: all")
 	fs.Parse(args)
 	if *upstream == "" || *control == "" || *certs == "" || *outPath == "" {
 		return errors.New("-upstream, -upstream-control, -certs and -raw are required")
@@ -144,7 +149,16 @@ func cmdRun(args []string) error {
 	}
 	defer f.Close()
 	r := &runner{cl: cl, control: *control, duration: *duration, bulkBytes: *bulk, idle: *idle,
-		rate: *rate, errors: map[string]int{}, out: f}
+		rate: *rate, errors: map[string]int{}, out: f, only: map[string]bool{}}
+	for _, g := range strings.Split(*only, ",") {
+		switch g = strings.TrimSpace(g); g {
+		case "":
+		case "bulk", "closed", "open", "newconn", "idle":
+			r.only[g] = true
+		default:
+			return fmt.Errorf("-only: unknown measure %q (bulk, closed, open, newconn, idle)", g)
+		}
+	}
 	for _, s := range append(slices.Clone(systems), otlpSys) {
 		if s == nil {
 			continue
@@ -246,6 +260,9 @@ func logf(format string, a ...any) {
 func (r *runner) oneRound(order []*system, otlpSys *system) error {
 	// 1. Bulk download through one tunnel.
 	for _, s := range order {
+		if !r.runs("bulk") {
+			break
+		}
 		if err := r.bulk(s); err != nil {
 			return fmt.Errorf("bulk download via %s: %w", s.name, err)
 		}
@@ -253,6 +270,9 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 	// 2. Closed loop, 16 and 64 keep-alive connections; the gateway with span export
 	// runs right after the gateway, so the on/off ratio compares neighbours.
 	for _, s := range order {
+		if !r.runs("closed") {
+			break
+		}
 		res, err := r.closedLoop(s, 16, r.duration)
 		if err != nil {
 			return fmt.Errorf("closed loop (16) via %s: %w", s.name, err)
@@ -275,6 +295,9 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 		}
 	}
 	for _, s := range order {
+		if !r.runs("closed") {
+			break
+		}
 		res, err := r.closedLoop(s, 64, r.duration)
 		if err != nil {
 			return fmt.Errorf("closed loop (64) via %s: %w", s.name, err)
@@ -290,6 +313,9 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 	// 3. Open loop at a fixed rate.
 	r.openLatency = map[string][2]float64{}
 	for _, s := range order {
+		if !r.runs("open") {
+			break
+		}
 		if err := r.openLoop(s); err != nil {
 			return fmt.Errorf("open loop via %s: %w", s.name, err)
 		}
@@ -304,12 +330,18 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 	}
 	// 5. New connections.
 	for _, s := range order {
+		if !r.runs("newconn") {
+			break
+		}
 		if err := r.newConns(s, 16); err != nil {
 			return fmt.Errorf("new connections via %s: %w", s.name, err)
 		}
 	}
 	// 6. Idle tunnels.
 	for _, s := range order {
+		if !r.runs("idle") {
+			break
+		}
 		if s.kind == "direct" {
 			continue
 		}

@@ -264,6 +264,10 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             cel_vars.add(w);
         }
     }
+    let mcp_conditions = agents
+        .iter()
+        .flat_map(|a| a.pathways.iter())
+        .any(|p| p.mcp.is_some() && p.when.is_some());
     match errs.list.len() {
         0 => Ok(Policy {
             origin: origin.into(),
@@ -277,6 +281,7 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             agent_index,
             cel_root: root_context(),
             cel_vars,
+            mcp_conditions,
         }),
         1 => Err(errs.list.remove(0)),
         _ => Err(PolicyError::Many(errs.list)),

@@ -216,6 +216,12 @@ impl fmt::Display for McpDenial {
 }
 
 impl Policy {
+    /// Whether a message's `arguments` can matter to a decision: only a `when` of a
+    /// pathway with `mcp` sees them. When none has one, a gateway need not read them.
+    pub fn reads_mcp_arguments(&self) -> bool {
+        self.mcp_conditions
+    }
+
     /// For an HTTP request, the body bound to read its JSON-RPC messages under, when
     /// some pathway of a matching agent lists this destination and method and has
     /// `mcp`: the largest `max_request_body_bytes` among them (default 4 MiB). `None`:
@@ -404,6 +410,19 @@ agents:
 
     fn policy() -> Policy {
         Policy::from_yaml_str(POLICY, "p.yaml").unwrap()
+    }
+
+    #[test]
+    fn arguments_matter_only_under_a_when_of_an_mcp_pathway() {
+        assert!(policy().reads_mcp_arguments());
+        let without_when = POLICY.replace(
+            r#"        when: 'request.mcp.tool != "read_secrets" && (request.mcp.method != "tools/call" || !("path" in request.mcp.arguments) || request.mcp.arguments.path.startsWith("/docs/"))'
+"#,
+            "",
+        );
+        assert_ne!(without_when, POLICY);
+        let p = Policy::from_yaml_str(&without_when, "p.yaml").unwrap();
+        assert!(!p.reads_mcp_arguments());
     }
 
     fn decide(

@@ -229,7 +229,7 @@ impl Exchange {
             }
             let elapsed = self.started.elapsed();
             record.duration_ms = elapsed.as_millis() as u64;
-            if let Some(mut span) = self.span.take() {
+            if let Some(mut span) = self.span.take().filter(RequestSpan::is_recorded) {
                 span.set(span_attributes(&record));
                 span.end(record.status, record.error.as_deref());
             }

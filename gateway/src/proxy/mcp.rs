@@ -242,40 +242,58 @@ fn as_string(raw: Option<&RawValue>) -> Option<String> {
         .and_then(|r| serde_json::from_str(r.get()).ok())
 }
 
+/// A string or number `id` as JSON text in one spelling (what serde_json writes), so
+/// the server's answer is matched however either side escaped it; `None` for any
+/// other type.
+fn normalized_id(id: &RawValue) -> Option<String> {
+    let text = id.get();
+    // Already in that spelling: a string without escapes, or a plain integer.
+    let plain_string = is_string(id) && !text.contains('\\');
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let plain_integer = !digits.is_empty()
+        && digits.len() <= 18
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && text != "-0";
+    if plain_string || plain_integer {
+        return Some(text.to_owned());
+    }
+    if !(is_string(id) || is_number(id)) {
+        return None;
+    }
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .map(|v| v.to_string())
+}
+
 impl<'a> Message<'a> {
-    fn read(raw: &'a str) -> Message<'a> {
-        Message::from_envelope(raw, serde_json::from_str::<Envelope<'a>>(raw).ok())
+    fn read(raw: &'a str, with_arguments: bool) -> Message<'a> {
+        let envelope = serde_json::from_str::<Envelope<'a>>(raw).ok();
+        Message::from_envelope(raw, envelope, with_arguments)
     }
 
     /// `envelope`: `raw` read, or `None` when it is not a JSON-RPC message object.
-    fn from_envelope(raw: &'a str, envelope: Option<Envelope<'a>>) -> Message<'a> {
-        let Some(e) = envelope else {
-            return Message {
-                raw,
-                call: None,
-                id: None,
-                is_request: false,
-            };
-        };
-        let version_ok = as_string(e.jsonrpc).as_deref() == Some("2.0");
-        // MCP ids are strings or numbers, never null; the text is normalized so an
-        // answer's `id` compares equal however it was escaped.
-        let id = e.id.map(|id| {
-            if is_string(id) || is_number(id) {
-                serde_json::from_str::<Value>(id.get())
-                    .map(|v| v.to_string())
-                    .map_err(|_| ())
-            } else {
-                Err(())
-            }
-        });
-        // An invalid message still carries its id into the gateway's error answer.
-        let invalid = Message {
+    /// `with_arguments`: read `params.arguments` (only a `when` ever sees them).
+    fn from_envelope(
+        raw: &'a str,
+        envelope: Option<Envelope<'a>>,
+        with_arguments: bool,
+    ) -> Message<'a> {
+        let invalid = |id: Option<String>| Message {
             raw,
             call: None,
-            id: id.clone().and_then(Result::ok),
+            id,
             is_request: false,
         };
+        let Some(e) = envelope else {
+            return invalid(None);
+        };
+        let version_ok = e
+            .jsonrpc
+            .is_some_and(|v| v.get() == "\"2.0\"" || as_string(Some(v)).as_deref() == Some("2.0"));
+        // MCP ids are strings or numbers, never null; the text is normalized so an
+        // answer's `id` compares equal however it was escaped.
+        let id = e.id.map(|id| normalized_id(id).ok_or(()));
         let answers = e.result.is_some() || e.error.is_some();
         let method = e.method.map(|m| as_string(Some(m)).ok_or(()));
         let valid = version_ok
@@ -284,12 +302,13 @@ impl<'a> Message<'a> {
                 Some(m) => m.is_ok() && !answers,
                 None => matches!(id, Some(Ok(_))) && answers,
             };
-        if !valid {
-            return invalid;
-        }
-        let is_request = method.is_some() && matches!(id, Some(Ok(_)));
-        let method = method.and_then(Result::ok).unwrap_or_default();
         let id = id.and_then(Result::ok);
+        if !valid {
+            // An invalid message still carries its id into the gateway's error answer.
+            return invalid(id);
+        }
+        let is_request = method.is_some() && id.is_some();
+        let method = method.and_then(Result::ok).unwrap_or_default();
         // Members of the wrong type count as none.
         let params = e.params.unwrap_or_default();
         let name = match method.as_str() {
@@ -302,10 +321,14 @@ impl<'a> Message<'a> {
             _ => None,
         };
         let arguments = match method.as_str() {
-            egress_policy::mcp::TOOLS_CALL | egress_policy::mcp::PROMPTS_GET => params
-                .arguments
-                .and_then(|a| serde_json::from_str::<serde_json::Map<String, Value>>(a.get()).ok())
-                .unwrap_or_default(),
+            egress_policy::mcp::TOOLS_CALL | egress_policy::mcp::PROMPTS_GET if with_arguments => {
+                params
+                    .arguments
+                    .and_then(|a| {
+                        serde_json::from_str::<serde_json::Map<String, Value>>(a.get()).ok()
+                    })
+                    .unwrap_or_default()
+            }
             _ => serde_json::Map::new(),
         };
         Message {
@@ -346,13 +369,16 @@ impl<'a> Message<'a> {
 }
 
 /// The JSON-RPC messages of a body: one, or a batch. `None`: not JSON-RPC at all.
-fn read_messages(body: &[u8]) -> Option<(Vec<Message<'_>>, bool)> {
+fn read_messages(body: &[u8], with_arguments: bool) -> Option<(Vec<Message<'_>>, bool)> {
     match body.iter().find(|b| !b.is_ascii_whitespace())? {
         b'[' => {
             let items: Vec<&RawValue> = serde_json::from_slice(body).ok()?;
             (!items.is_empty()).then(|| {
                 (
-                    items.into_iter().map(|m| Message::read(m.get())).collect(),
+                    items
+                        .into_iter()
+                        .map(|m| Message::read(m.get(), with_arguments))
+                        .collect(),
                     true,
                 )
             })
@@ -368,7 +394,10 @@ fn read_messages(body: &[u8]) -> Option<(Vec<Message<'_>>, bool)> {
                     None
                 }
             };
-            Some((vec![Message::from_envelope(text, envelope)], false))
+            Some((
+                vec![Message::from_envelope(text, envelope, with_arguments)],
+                false,
+            ))
         }
         _ => None,
     }
@@ -528,10 +557,10 @@ impl Proxy {
             Ok(t) => t,
             Err(refusal) => return Err(refuse(ex, refusal)),
         };
-        let parsed = read_messages(&text);
+        let policy = self.policy.current();
+        let parsed = read_messages(&text, policy.reads_mcp_arguments());
         let decoded = !matches!(text, std::borrow::Cow::Borrowed(_));
 
-        let policy = self.policy.current();
         let view = header_pairs(headers);
         let host = target.host.as_policy_str();
         let request = egress_policy::Request {
@@ -798,8 +827,10 @@ impl ResponsePlan {
     /// What an answer lists, if it is one to filter: by the `id` of a forwarded list
     /// request, or (on the server's own stream) by its shape.
     fn kind_of(&mut self, id: Option<&RawValue>, result: &ResultFields<'_>) -> Option<ListKind> {
-        let id = id.and_then(|i| serde_json::from_str::<Value>(i.get()).ok());
-        if let Some(kind) = id.and_then(|i| self.lists.remove(&i.to_string())) {
+        if let Some(kind) = id
+            .and_then(normalized_id)
+            .and_then(|i| self.lists.remove(&i))
+        {
             return Some(kind);
         }
         if self.any_list {
@@ -1572,6 +1603,7 @@ mod tests {
             {"jsonrpc":"2.0","id":null,"method":"ping"},
             {"jsonrpc":"1.0","id":2,"method":"ping"},
             {"jsonrpc":"2.0","id":3,"result":{}}]"#,
+            true,
         )
         .unwrap();
         assert!(batch);
@@ -1584,12 +1616,51 @@ mod tests {
         let (m, _) = read_messages(
             br#"[{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"search_docs","name":"delete_repo"}},
             {"jsonrpc":"2.0","id":6,"method":"tools/list","method":"tools/call","params":{"name":"delete_repo"}}]"#,
+            true,
         )
         .unwrap();
         assert!(m[0].call.is_none());
         assert!(m[1].call.is_none());
-        assert!(read_messages(b"[]").is_none());
-        assert!(read_messages(b"nope").is_none());
-        assert!(read_messages(b"42").is_none());
+        assert!(read_messages(b"[]", true).is_none());
+        assert!(read_messages(b"nope", true).is_none());
+        assert!(read_messages(b"42", true).is_none());
+    }
+
+    #[test]
+    fn arguments_are_read_only_when_asked() {
+        let call = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","arguments":{"path":"/etc"}}}"#;
+        let (m, _) = read_messages(call, true).unwrap();
+        let args = &m[0].call.as_ref().unwrap().arguments;
+        assert_eq!(args["path"], "/etc");
+        let (m, _) = read_messages(call, false).unwrap();
+        let c = m[0].call.as_ref().unwrap();
+        assert!(c.arguments.is_empty());
+        assert_eq!(c.name.as_deref(), Some("x"), "the tool is read either way");
+    }
+
+    #[test]
+    fn ids_compare_in_one_spelling() {
+        let id = |text: &str| normalized_id(&RawValue::from_string(text.into()).unwrap());
+        for (written, normal) in [
+            ("7", Some("7")),
+            ("-12", Some("-12")),
+            ("1.0", Some("1.0")),
+            ("1e2", Some("100.0")),
+            ("-0", Some("-0.0")),
+            (r#""abc""#, Some(r#""abc""#)),
+            (r#""\u0061bc""#, Some(r#""abc""#)),
+            (r#""a\/b""#, Some(r#""a/b""#)),
+            ("12345678901234567890", Some("12345678901234567890")),
+            ("null", None),
+            ("true", None),
+            ("{}", None),
+        ] {
+            assert_eq!(id(written).as_deref(), normal, "{written}");
+            if let Some(n) = normal {
+                // The fast path agrees with serde_json's own spelling.
+                let v: Value = serde_json::from_str(written).unwrap();
+                assert_eq!(v.to_string(), n, "{written}");
+            }
+        }
     }
 }

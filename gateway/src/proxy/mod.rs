@@ -3,6 +3,7 @@
 
 pub mod address_guard;
 pub mod client_hello;
+pub(crate) mod copy;
 pub mod dial;
 mod dlp;
 mod encoding;
@@ -44,11 +45,11 @@ use exchange::Exchange;
 pub use refusal::Refusal;
 use target::Target;
 
-/// Per-direction buffer of a tunnel's relay: one whole TLS record (16 KiB of payload
-/// plus header and tag). tokio's 8 KiB default splits every record over two reads and
-/// doubles the syscalls of a bulk transfer; larger buffers would cost every idle
-/// tunnel their size in memory, twice.
-pub(crate) const RELAY_BUFFER_BYTES: usize = 16 * 1024 + 512;
+/// Per-direction buffer of a tunnel's relay while bytes move (an idle direction holds
+/// none, see copy.rs). 64 KiB reads become four TLS records written in one `writev`:
+/// on a bulk download that is about 1.4x the throughput of 16 KiB buffers at 0.7x the
+/// CPU per byte (bench/compare.sh, ONLY=bulk).
+pub(crate) const RELAY_BUFFER_BYTES: usize = 64 * 1024;
 
 /// The body type of every response the proxy produces.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -173,15 +173,6 @@ where
     Ok(prefix)
 }
 
-/// Bytes of the first read of each direction of a tunnel, before the relay's buffers.
-const FIRST_READ_BYTES: usize = 1024;
-
-/// Which side of a tunnel spoke first, and how many bytes.
-enum First {
-    Agent(usize),
-    Upstream(usize),
-}
-
 /// Copies both ways (after sending `prefix` upstream) until either side closes, the
 /// tunnel idles out, a policy reload denies it, or `stop` fires.
 /// Returns why it ended abnormally, if it did.
@@ -215,28 +206,8 @@ where
             return Some(format!("tunnel closed: {e}"));
         }
     }
-    let copy = async {
-        // An idle tunnel holds no relay buffers: the first bytes either way go through
-        // small ones, and the relay's are allocated once something moved.
-        let mut from_agent = [0u8; FIRST_READ_BYTES];
-        let mut from_upstream = [0u8; FIRST_READ_BYTES];
-        let first = tokio::select! {
-            r = agent.read(&mut from_agent) => First::Agent(r?),
-            r = upstream.read(&mut from_upstream) => First::Upstream(r?),
-        };
-        // A side that ended (0 bytes) is seen ending again by the relay.
-        match first {
-            First::Agent(n) => upstream.write_all(&from_agent[..n]).await?,
-            First::Upstream(n) => agent.write_all(&from_upstream[..n]).await?,
-        }
-        tokio::io::copy_bidirectional_with_sizes(
-            &mut agent,
-            &mut upstream,
-            super::RELAY_BUFFER_BYTES,
-            super::RELAY_BUFFER_BYTES,
-        )
-        .await
-    };
+    // Buffers are held only while bytes move (copy.rs): idle tunnels hold none.
+    let copy = super::copy::copy_both_ways(&mut agent, &mut upstream, super::RELAY_BUFFER_BYTES);
     tokio::pin!(copy);
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
     loop {

@@ -111,10 +111,9 @@ impl SidecarProxy {
             };
             let (mut agent, mut gateway) = (TokioIo::new(agent), TokioIo::new(gateway));
             tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(
+                r = crate::proxy::copy::copy_both_ways(
                     &mut agent,
                     &mut gateway,
-                    crate::proxy::RELAY_BUFFER_BYTES,
                     crate::proxy::RELAY_BUFFER_BYTES,
                 ) => {
                     if let Err(e) = r {

@@ -82,6 +82,8 @@ impl Telemetry {
             sampled: parent.is_none_or(|p| p.sampled),
         };
         RequestSpan {
+            // Nothing to build for a span that goes nowhere.
+            recorded: self.exporting && ctx.sampled,
             tracer: self.tracer.clone(),
             name: method.to_string(),
             parent,
@@ -111,6 +113,7 @@ impl Telemetry {
 
 /// The span of one request or tunnel, until it ends.
 pub struct RequestSpan {
+    recorded: bool,
     tracer: SdkTracer,
     name: String,
     parent: Option<TraceContext>,
@@ -120,11 +123,20 @@ pub struct RequestSpan {
 }
 
 impl RequestSpan {
+    /// Whether the span is exported (an OTLP endpoint is set and the trace is
+    /// sampled): attributes are worth building only then.
+    pub fn is_recorded(&self) -> bool {
+        self.recorded
+    }
+
     pub fn set(&mut self, attrs: impl IntoIterator<Item = KeyValue>) {
         self.attributes.extend(attrs);
     }
 
     pub fn end(self, status: u16, error: Option<&str>) {
+        if !self.recorded {
+            return;
+        }
         let parent_cx = match self.parent {
             Some(p) => Context::new().with_remote_span_context(p.to_span_context()),
             None => Context::new(),
