@@ -404,56 +404,47 @@ impl Metrics {
         }
     }
 
-    /// Counts one finished request or tunnel from its audit record.
+    /// Counts one finished request or tunnel from its audit record. The agent and
+    /// pathway label values are copied once and moved from one label set to the next
+    /// (a look-up takes the set by reference).
     pub fn record(&self, r: &AuditRecord, seconds: f64) {
-        let agent = r.agent.clone().unwrap_or_else(|| NONE.into());
-        let pathway = r.pathway.clone().unwrap_or_else(|| NONE.into());
-        self.requests
-            .get_or_create(&RequestLabels {
-                kind: r.kind,
-                decision: r.decision,
-                enforced: if r.enforced { "true" } else { "false" },
-                agent: agent.clone(),
-                pathway: pathway.clone(),
-                rule: r.rule.clone().unwrap_or_else(|| NONE.into()),
-                status_class: status_class(r.status),
-            })
-            .inc();
+        let labels = RequestLabels {
+            kind: r.kind,
+            decision: r.decision,
+            enforced: if r.enforced { "true" } else { "false" },
+            agent: r.agent.clone().unwrap_or_else(|| NONE.into()),
+            pathway: r.pathway.clone().unwrap_or_else(|| NONE.into()),
+            rule: r.rule.clone().unwrap_or_else(|| NONE.into()),
+            status_class: status_class(r.status),
+        };
+        self.requests.get_or_create(&labels).inc();
         self.duration
             .get_or_create(&KindLabels { kind: r.kind })
             .observe(seconds);
+        let mut bytes = BytesLabels {
+            direction: "sent",
+            agent: labels.agent,
+            pathway: labels.pathway,
+        };
         if r.bytes_sent > 0 {
-            self.bytes
-                .get_or_create(&BytesLabels {
-                    direction: "sent",
-                    agent: agent.clone(),
-                    pathway: pathway.clone(),
-                })
-                .inc_by(r.bytes_sent);
+            self.bytes.get_or_create(&bytes).inc_by(r.bytes_sent);
         }
         if r.bytes_received > 0 {
-            self.bytes
-                .get_or_create(&BytesLabels {
-                    direction: "received",
-                    agent,
-                    pathway,
-                })
-                .inc_by(r.bytes_received);
+            bytes.direction = "received";
+            self.bytes.get_or_create(&bytes).inc_by(r.bytes_received);
         }
+        let mut tokens = TokenLabels {
+            agent: bytes.agent,
+            pathway: bytes.pathway,
+            direction: "input",
+        };
         if let (Some(input), Some(output)) = (r.llm_input_tokens, r.llm_output_tokens) {
-            let agent = r.agent.clone().unwrap_or_else(|| NONE.into());
-            let pathway = r.pathway.clone().unwrap_or_else(|| NONE.into());
             for (direction, n) in [("input", input), ("output", output)] {
-                self.llm_tokens
-                    .get_or_create(&TokenLabels {
-                        agent: agent.clone(),
-                        pathway: pathway.clone(),
-                        direction,
-                    })
-                    .inc_by(n);
+                tokens.direction = direction;
+                self.llm_tokens.get_or_create(&tokens).inc_by(n);
             }
         }
-        self.record_mcp(r);
+        self.count_mcp(r, tokens.agent, tokens.pathway);
         for f in &r.dlp {
             self.dlp_findings
                 .get_or_create(&DlpLabels {
@@ -484,13 +475,22 @@ impl Metrics {
     /// Counts one JSON-RPC message of an MCP pathway (lines without `mcp_method` are
     /// not MCP messages).
     pub fn record_mcp(&self, r: &AuditRecord) {
+        self.count_mcp(
+            r,
+            r.agent.clone().unwrap_or_else(|| NONE.into()),
+            r.pathway.clone().unwrap_or_else(|| NONE.into()),
+        );
+    }
+
+    /// [`Metrics::record_mcp`] with the agent and pathway label values already made.
+    fn count_mcp(&self, r: &AuditRecord, agent: String, pathway: String) {
         let Some(method) = &r.mcp_method else {
             return;
         };
         self.mcp_calls
             .get_or_create(&McpLabels {
-                agent: r.agent.clone().unwrap_or_else(|| NONE.into()),
-                pathway: r.pathway.clone().unwrap_or_else(|| NONE.into()),
+                agent,
+                pathway,
                 method: MCP_METHODS
                     .iter()
                     .find(|m| **m == method.as_str())

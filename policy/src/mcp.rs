@@ -423,6 +423,9 @@ agents:
         assert_ne!(without_when, POLICY);
         let p = Policy::from_yaml_str(&without_when, "p.yaml").unwrap();
         assert!(!p.reads_mcp_arguments());
+        // Nothing reads `request` at all: a caller need not build the header view.
+        assert!(policy().reads_request());
+        assert!(!p.reads_request());
     }
 
     fn decide(

@@ -68,6 +68,12 @@ impl Policy {
         self.mode
     }
 
+    /// Whether any expression reads `request`: when none does, the caller need not
+    /// build the request's attributes (its header view above all).
+    pub fn reads_request(&self) -> bool {
+        self.cel_vars.request
+    }
+
     /// Agent entry names in file order (may repeat only if the file does, which load rejects).
     pub fn agent_names(&self) -> impl Iterator<Item = &str> {
         self.agents.iter().map(|a| a.name.as_str())

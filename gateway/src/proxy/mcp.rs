@@ -31,7 +31,7 @@ use super::exchange::{ByteCounts, Exchange, McpFields};
 use super::refusal::{full, Refusal};
 use super::request_body::ReqBody;
 use super::target::Target;
-use super::{header_pairs, refuse, PeerIdentity, Proxy, ProxyBody};
+use super::{policy_headers, refuse, PeerIdentity, Proxy, ProxyBody};
 use crate::telemetry::TraceContext;
 
 /// JSON-RPC error code of a message the policy refused (implementation-defined range).
@@ -130,7 +130,7 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut e = Envelope::default();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
                     let first = match k.as_ref() {
                         "params" => first_of(&mut e.params, m.next_value()?),
                         "jsonrpc" => first_of(&mut e.jsonrpc, m.next_value()?),
@@ -148,6 +148,29 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+/// A member name, borrowed from the body unless it is written with escapes (serde's
+/// own `Cow<str>` always allocates).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -184,7 +207,7 @@ impl<'de> serde::Deserialize<'de> for Params<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut p = Params::default();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
                     let first = match k.as_ref() {
                         "name" => first_of(&mut p.name, m.next_value()?),
                         "uri" => first_of(&mut p.uri, m.next_value()?),
@@ -238,8 +261,16 @@ fn is_number(raw: &RawValue) -> bool {
 }
 
 fn as_string(raw: Option<&RawValue>) -> Option<String> {
-    raw.filter(|r| is_string(r))
-        .and_then(|r| serde_json::from_str(r.get()).ok())
+    as_str(raw).map(Cow::into_owned)
+}
+
+/// A string value, borrowed when it is written without escapes.
+fn as_str(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let text = raw.filter(|r| is_string(r))?.get();
+    match text.get(1..text.len() - 1) {
+        Some(inner) if !inner.contains('\\') => Some(Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
 }
 
 /// A string or number `id` as JSON text in one spelling (what serde_json writes), so
@@ -348,24 +379,48 @@ impl<'a> Message<'a> {
     fn fields(&self, decision: &Decision, aimed: Option<&Pathway>) -> McpFields {
         let call = self.call.as_ref();
         let tool = call.and_then(McpCall::tool);
-        let rules = decision
-            .pathway
-            .as_deref()
-            .or(aimed)
-            .and_then(|p| p.mcp.as_ref());
         McpFields {
             method: call.map(|c| c.method.clone()).filter(|m| !m.is_empty()),
             tool: tool.map(str::to_owned),
             request_id: self.id.clone(),
-            // Only names the policy wrote become label values.
-            tool_label: tool.map(|t| {
-                rules
-                    .and_then(|r| r.tool_entry(t))
-                    .unwrap_or("other")
-                    .to_owned()
-            }),
+            tool_label: tool.map(|t| tool_label(t, decision, aimed)),
         }
     }
+
+    /// [`Message::fields`] of a message no longer needed: its strings move.
+    fn into_fields(self, decision: &Decision, aimed: Option<&Pathway>) -> McpFields {
+        let tool_label = self
+            .call
+            .as_ref()
+            .and_then(McpCall::tool)
+            .map(|t| tool_label(t, decision, aimed));
+        let (method, tool) = match self.call {
+            Some(c) => {
+                let tool = c.tool().is_some().then_some(c.name).flatten();
+                (Some(c.method).filter(|m| !m.is_empty()), tool)
+            }
+            None => (None, None),
+        };
+        McpFields {
+            method,
+            tool,
+            request_id: self.id,
+            tool_label,
+        }
+    }
+}
+
+/// The metric label of a called tool: the policy's entry that allows it (only names the
+/// policy wrote become label values), else `other`.
+fn tool_label(tool: &str, decision: &Decision, aimed: Option<&Pathway>) -> String {
+    decision
+        .pathway
+        .as_deref()
+        .or(aimed)
+        .and_then(|p| p.mcp.as_ref())
+        .and_then(|r| r.tool_entry(tool))
+        .unwrap_or("other")
+        .to_owned()
 }
 
 /// The JSON-RPC messages of a body: one, or a batch. `None`: not JSON-RPC at all.
@@ -561,7 +616,7 @@ impl Proxy {
         let parsed = read_messages(&text, policy.reads_mcp_arguments());
         let decoded = !matches!(text, std::borrow::Cow::Borrowed(_));
 
-        let view = header_pairs(headers);
+        let view = policy_headers(&policy, headers);
         let host = target.host.as_policy_str();
         let request = egress_policy::Request {
             source: &peer.spiffe_id,
@@ -572,7 +627,7 @@ impl Proxy {
             port: target.port,
             path,
             query,
-            headers: &view,
+            headers: view.as_ref().unwrap_or(egress_policy::HeaderView::empty()),
             llm_model,
             now: std::time::SystemTime::now(),
         };
@@ -581,7 +636,7 @@ impl Proxy {
         let trace_id = || trace.trace_id_hex();
         let aimed = Some(aimed);
 
-        let Some((messages, batch)) = parsed else {
+        let Some((mut messages, batch)) = parsed else {
             // Not JSON-RPC: only a pathway without `mcp` may take it.
             let decision = policy.evaluate_mcp(&request, None);
             if decision.permits() {
@@ -608,7 +663,7 @@ impl Proxy {
             return Err(answer(ex, StatusCode::BAD_REQUEST, &body));
         };
 
-        let decisions: Vec<Decision> = messages
+        let mut decisions: Vec<Decision> = messages
             .iter()
             .map(|m| {
                 let mut d = policy.evaluate_mcp(&request, m.call.as_ref());
@@ -636,9 +691,12 @@ impl Proxy {
             .collect();
 
         // The audit: the lead message on the request's line, one more line per message.
+        // (The decision of a forwarded lead goes on the line where it is forwarded.)
         let lead_ix = lead.unwrap_or(0);
-        ex.set_decision(&decisions[lead_ix]);
-        ex.set_mcp(messages[lead_ix].fields(&decisions[lead_ix], aimed.as_deref()));
+        if lead.is_none() {
+            ex.set_decision(&decisions[lead_ix]);
+            ex.set_mcp(messages[lead_ix].fields(&decisions[lead_ix], aimed.as_deref()));
+        }
         for (i, (m, d)) in messages.iter().zip(&decisions).enumerate() {
             if i != lead_ix {
                 ex.add_mcp_line(d, m.fields(d, aimed.as_deref()));
@@ -685,7 +743,7 @@ impl Proxy {
                 (true, _) => answer(ex, StatusCode::OK, &Value::Array(errors)),
             });
         };
-        let decision = decisions[lead].clone();
+        let decision = decisions.swap_remove(lead);
 
         // Forward only what was allowed; a batch that shrinks to one message is sent
         // as that message (servers on MCP 2025-06-18 no longer take batches).
@@ -731,6 +789,11 @@ impl Proxy {
                 HeaderValue::from_static("identity"),
             );
         }
+        ex.set_mcp(
+            messages
+                .swap_remove(lead)
+                .into_fields(&decision, aimed.as_deref()),
+        );
         Ok(Decided {
             ex,
             decision,
@@ -1031,7 +1094,7 @@ impl<'de> serde::Deserialize<'de> for Answer<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut out: Vec<(Cow<'de, str>, AnswerField<'de>)> = Vec::new();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
                     if out.iter().any(|(seen, _)| *seen == k) {
                         return Err(serde::de::Error::custom("duplicate key"));
                     }
@@ -1062,7 +1125,7 @@ impl<'de> serde::Deserialize<'de> for ResultFields<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut out: Vec<(Cow<'de, str>, ResultField<'de>)> = Vec::new();
-                while let Some(k) = m.next_key::<Cow<'de, str>>()? {
+                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
                     if out.iter().any(|(seen, _)| *seen == k) {
                         return Err(serde::de::Error::custom("duplicate key"));
                     }

@@ -227,7 +227,8 @@ impl Proxy {
         headers: &HeaderMap,
         llm_model: Option<&str>,
     ) -> Decision {
-        let headers = header_pairs(headers);
+        let policy = self.policy.current();
+        let view = policy_headers(&policy, headers);
         let host = target.host.as_policy_str();
         let request = egress_policy::Request {
             source: &peer.spiffe_id,
@@ -238,11 +239,11 @@ impl Proxy {
             port: target.port,
             path,
             query,
-            headers: &headers,
+            headers: view.as_ref().unwrap_or(egress_policy::HeaderView::empty()),
             llm_model,
             now: SystemTime::now(),
         };
-        let decision = self.policy.current().evaluate(&request);
+        let decision = policy.evaluate(&request);
         if !decision.dry_run_rules.is_empty() {
             tracing::info!(
                 source = %peer.spiffe_id,
@@ -259,6 +260,16 @@ impl Proxy {
 /// bytes replaced and repeats joined (see [`egress_policy::HeaderView`]).
 fn header_pairs(headers: &HeaderMap) -> egress_policy::HeaderView {
     egress_policy::HeaderView::new(headers.iter().map(|(k, v)| (k.as_str(), v.as_bytes())))
+}
+
+/// The header view for one evaluation by `policy`; `None` (an empty view will do)
+/// when no expression of it reads `request`. Tunnels kept for re-checks on reload
+/// take the full view: the next policy may read them.
+fn policy_headers(
+    policy: &egress_policy::Policy,
+    headers: &HeaderMap,
+) -> Option<egress_policy::HeaderView> {
+    policy.reads_request().then(|| header_pairs(headers))
 }
 
 /// Sends the refusal to the agent and writes its audit line.

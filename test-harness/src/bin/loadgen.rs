@@ -21,14 +21,15 @@
 //!
 //! With `--mcp`: what MCP pathways cost. `tools/call` through a pathway with `mcp` against
 //! the same pathway without it, CPU per request of the real `egress-gateway` binary in its
-//! own process (build it first, as for `--llm-budget`); then `tools/list` answers of 200
-//! tools filtered to the 100 the pathway lists, p50 latency against the unfiltered one.
+//! own process (build it first, as for `--llm-budget`), closed loop and at a fixed rate
+//! (`--rate`, default 4000 req/s); then `tools/list` answers of 200 tools filtered to
+//! the 100 the pathway lists, p50 latency against the unfiltered one.
 //!
 //! With `--dlp`: what `inspect` costs. 4 KiB chat bodies through a pathway with
 //! `inspect.request` (secrets and pii) against the same pathway without it, CPU per
 //! request of the real gateway binary in its own process.
 //!
-//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--via-sidecar | --l7 | --intercept | --llm-budget | --mcp | --dlp]`
+//! `cargo run --release -p test-harness --bin loadgen -- [--connections 8] [--seconds 5] [--rate N] [--via-sidecar | --l7 | --intercept | --llm-budget | --mcp | --dlp]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +51,8 @@ struct Args {
     llm_budget: bool,
     mcp: bool,
     dlp: bool,
+    /// Requests per second over all connections (paced comparisons); 0: closed loop.
+    rate: u64,
 }
 
 fn args() -> Args {
@@ -62,6 +65,7 @@ fn args() -> Args {
         llm_budget: false,
         mcp: false,
         dlp: false,
+        rate: 0,
     };
     let argv: Vec<String> = std::env::args().collect();
     a.via_sidecar = argv.iter().any(|x| x == "--via-sidecar");
@@ -74,6 +78,7 @@ fn args() -> Args {
         match w[0].as_str() {
             "--connections" => a.connections = w[1].parse().unwrap_or(a.connections),
             "--seconds" => a.seconds = w[1].parse().unwrap_or(a.seconds),
+            "--rate" => a.rate = w[1].parse().unwrap_or(a.rate),
             _ => {}
         }
     }
@@ -854,11 +859,14 @@ impl CpuComparison {
     fn per_request_us(&self, i: usize) -> f64 {
         self.cpu[i] / self.done[i].max(1) as f64 * 1e6
     }
+    /// The median of the per-round ratios (of an even count, the mean of the middle two).
     fn median_ratio(&self) -> f64 {
-        self.ratios
-            .get(self.ratios.len() / 2)
-            .copied()
-            .unwrap_or(0.0)
+        let n = self.ratios.len();
+        match n {
+            0 => 0.0,
+            _ if n % 2 == 1 => self.ratios[n / 2],
+            _ => (self.ratios[n / 2 - 1] + self.ratios[n / 2]) / 2.0,
+        }
     }
     fn overall_ratio(&self) -> f64 {
         self.per_request_us(1) / self.per_request_us(0)
@@ -1110,6 +1118,18 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
         calls.per_request_us(0), calls.rps(0), calls.done[0], calls.per_request_us(1), calls.rps(1), calls.done[1], calls.ratios
     );
 
+    // The same at a fixed rate both sides sustain: the gateway is not saturated, so
+    // its CPU per request is not moved by how the load generator, which shares the
+    // cores, is scheduled against it.
+    let rate = if a.rate > 0 { a.rate } else { 4000 };
+    let paced = gw
+        .compare(|client| post_paced(client, &url, &call, a.connections, a.seconds, rate))
+        .await?;
+    println!(
+        "tools/call at {rate} req/s: without mcp {:.1} µs CPU/request ({} requests); with mcp {:.1} µs CPU/request ({} requests); per-round ratios {:.3?}",
+        paced.per_request_us(0), paced.done[0], paced.per_request_us(1), paced.done[1], paced.ratios
+    );
+
     // tools/list of 200 tools on one connection: the p50 difference is the filtering.
     let lists = gw
         .compare(|client| post_mcp(client, &url, &list, 1, a.seconds.div_ceil(2)))
@@ -1130,9 +1150,11 @@ async fn mcp_bench(a: &Args) -> anyhow::Result<()> {
         lists.per_request_us(1),
     );
     println!(
-        "ratio with mcp / without: tools/call CPU per request {:.3}x median of rounds ({:.3}x overall; limit 1.2x); tools/list filtering {:+.1} µs p50 (limit 200 µs), {:+.1} µs CPU/request",
+        "ratio with mcp / without: tools/call CPU per request {:.3}x median of rounds ({:.3}x overall) closed loop, {:.3}x median ({:.3}x overall) at {rate} req/s; limit 1.2x; tools/list filtering {:+.1} µs p50 (limit 200 µs), {:+.1} µs CPU/request",
         calls.median_ratio(),
         calls.overall_ratio(),
+        paced.median_ratio(),
+        paced.overall_ratio(),
         (lists.p50(1).as_secs_f64() - lists.p50(0).as_secs_f64()) * 1e6,
         lists.per_request_us(1) - lists.per_request_us(0),
     );
@@ -1233,6 +1255,46 @@ async fn post_mcp(
     seconds: u64,
 ) -> Report {
     post_with(agent, url, &MCP_HEADERS, body, connections, seconds).await
+}
+
+/// MCP POSTs at `rate` requests/s spread over `connections` keep-alive connections,
+/// each sent when due (a late one is sent at once, not skipped).
+async fn post_paced(
+    agent: test_harness::agent::AgentClient,
+    url: &str,
+    body: &[u8],
+    connections: usize,
+    seconds: u64,
+    rate: u64,
+) -> Report {
+    let (url, body) = (url.to_string(), body.to_vec());
+    let per_connection = (rate as f64 / connections.max(1) as f64).max(1.0);
+    let period = Duration::from_secs_f64(1.0 / per_connection);
+    run(connections, seconds, move |until| {
+        let (agent, url, body) = (agent.clone(), url.clone(), body.clone());
+        async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let Ok(mut session) = agent.session().await else {
+                return (lat, 1);
+            };
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            while Instant::now() < until {
+                tick.tick().await;
+                let t = Instant::now();
+                match session
+                    .request("POST", &url, &MCP_HEADERS, body.clone())
+                    .await
+                {
+                    Ok(r) if r.status == 200 => lat.push(t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }
+    })
+    .await
 }
 
 /// POSTs of `body` with `headers` on keep-alive connections, each answered 200.
