@@ -1238,7 +1238,7 @@ async fn post_json(
     connections: usize,
     seconds: u64,
 ) -> Report {
-    post_with(agent, url, &JSON_HEADERS, body, connections, seconds).await
+    post_with(agent, url, &JSON_HEADERS, body, connections, seconds, None).await
 }
 
 const MCP_HEADERS: [(&str, &str); 2] = [
@@ -1254,7 +1254,7 @@ async fn post_mcp(
     connections: usize,
     seconds: u64,
 ) -> Report {
-    post_with(agent, url, &MCP_HEADERS, body, connections, seconds).await
+    post_with(agent, url, &MCP_HEADERS, body, connections, seconds, None).await
 }
 
 /// MCP POSTs at `rate` requests/s spread over `connections` keep-alive connections,
@@ -1267,37 +1267,13 @@ async fn post_paced(
     seconds: u64,
     rate: u64,
 ) -> Report {
-    let (url, body) = (url.to_string(), body.to_vec());
     let per_connection = (rate as f64 / connections.max(1) as f64).max(1.0);
-    let period = Duration::from_secs_f64(1.0 / per_connection);
-    run(connections, seconds, move |until| {
-        let (agent, url, body) = (agent.clone(), url.clone(), body.clone());
-        async move {
-            let mut lat = Vec::new();
-            let mut errors = 0;
-            let Ok(mut session) = agent.session().await else {
-                return (lat, 1);
-            };
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            while Instant::now() < until {
-                tick.tick().await;
-                let t = Instant::now();
-                match session
-                    .request("POST", &url, &MCP_HEADERS, body.clone())
-                    .await
-                {
-                    Ok(r) if r.status == 200 => lat.push(t.elapsed()),
-                    _ => errors += 1,
-                }
-            }
-            (lat, errors)
-        }
-    })
-    .await
+    let pace = Some(Duration::from_secs_f64(1.0 / per_connection));
+    post_with(agent, url, &MCP_HEADERS, body, connections, seconds, pace).await
 }
 
-/// POSTs of `body` with `headers` on keep-alive connections, each answered 200.
+/// POSTs of `body` with `headers` on keep-alive connections, each answered 200: one
+/// after another, or one per `pace` on each connection.
 async fn post_with(
     agent: test_harness::agent::AgentClient,
     url: &str,
@@ -1305,6 +1281,7 @@ async fn post_with(
     body: &[u8],
     connections: usize,
     seconds: u64,
+    pace: Option<Duration>,
 ) -> Report {
     let (url, body) = (url.to_string(), body.to_vec());
     run(connections, seconds, move |until| {
@@ -1315,7 +1292,14 @@ async fn post_with(
             let Ok(mut session) = agent.session().await else {
                 return (lat, 1);
             };
+            let mut tick = pace.map(tokio::time::interval);
+            if let Some(t) = &mut tick {
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            }
             while Instant::now() < until {
+                if let Some(t) = &mut tick {
+                    t.tick().await;
+                }
                 let t = Instant::now();
                 match session.request("POST", &url, headers, body.clone()).await {
                     Ok(r) if r.status == 200 => lat.push(t.elapsed()),
