@@ -20,6 +20,8 @@ use super::PeerIdentity;
 
 pub struct Exchange {
     started: Instant,
+    /// The agent's address, for the span's `client.*` (the line has it as text).
+    peer_address: std::net::SocketAddr,
     audit: AuditLog,
     telemetry: Arc<Telemetry>,
     span: Option<RequestSpan>,
@@ -69,6 +71,7 @@ impl Exchange {
         };
         Exchange {
             started: Instant::now(),
+            peer_address: peer.address,
             audit,
             telemetry: telemetry.clone(),
             span: Some(span),
@@ -230,7 +233,7 @@ impl Exchange {
             let elapsed = self.started.elapsed();
             record.duration_ms = elapsed.as_millis() as u64;
             if let Some(mut span) = self.span.take().filter(RequestSpan::is_recorded) {
-                span.set(span_attributes(&record));
+                span.set(span_attributes(&record, self.peer_address));
                 span.end(record.status, record.error.as_deref());
             }
             self.telemetry
@@ -346,8 +349,9 @@ impl Drop for Exchange {
 }
 
 /// OpenTelemetry HTTP semantic-convention attributes plus the gateway's own.
-fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
-    let mut attrs = vec![
+fn span_attributes(r: &AuditRecord, agent: std::net::SocketAddr) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(32);
+    attrs.extend([
         KeyValue::new("http.request.method", r.method.clone()),
         KeyValue::new("server.address", r.host.clone()),
         KeyValue::new("server.port", i64::from(r.port)),
@@ -362,7 +366,7 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
         KeyValue::new("egress.reason", r.reason.clone()),
         KeyValue::new("egress.bytes_sent", r.bytes_sent as i64),
         KeyValue::new("egress.bytes_received", r.bytes_received as i64),
-    ];
+    ]);
     if r.tls_intercepted {
         attrs.push(KeyValue::new("egress.tls_intercepted", true));
     }
@@ -376,16 +380,8 @@ fn span_attributes(r: &AuditRecord) -> Vec<KeyValue> {
     }
     // The agent is the client: its IP and port apart, as the semantic conventions
     // name them (`client.address` never carries a port).
-    match r.source_address.parse::<std::net::SocketAddr>() {
-        Ok(agent) => {
-            attrs.push(KeyValue::new("client.address", agent.ip().to_string()));
-            attrs.push(KeyValue::new("client.port", i64::from(agent.port())));
-        }
-        Err(_) if !r.source_address.is_empty() => {
-            attrs.push(KeyValue::new("client.address", r.source_address.clone()));
-        }
-        Err(_) => {}
-    }
+    attrs.push(KeyValue::new("client.address", agent.ip().to_string()));
+    attrs.push(KeyValue::new("client.port", i64::from(agent.port())));
     // The destination is `server.*` (the host the agent asked for); the address the
     // gateway connected to for it is `network.peer.*`.
     if let Some(ip) = &r.resolved_ip {

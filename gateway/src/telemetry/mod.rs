@@ -85,7 +85,7 @@ impl Telemetry {
             // Nothing to build for a span that goes nowhere.
             recorded: self.exporting && ctx.sampled,
             tracer: self.tracer.clone(),
-            name: method.to_string(),
+            name: span_name(method),
             parent,
             start: SystemTime::now(),
             attributes: Vec::new(),
@@ -115,7 +115,7 @@ impl Telemetry {
 pub struct RequestSpan {
     recorded: bool,
     tracer: SdkTracer,
-    name: String,
+    name: std::borrow::Cow<'static, str>,
     parent: Option<TraceContext>,
     start: SystemTime,
     attributes: Vec<KeyValue>,
@@ -162,6 +162,17 @@ impl RequestSpan {
 
     /// Ends without a span (an intercepted tunnel: its requests have their own).
     pub fn discard(self) {}
+}
+
+/// A request's span is named after its method: the standard ones need no copy.
+fn span_name(method: &str) -> std::borrow::Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().find(|m| **m == method) {
+        Some(m) => std::borrow::Cow::Borrowed(m),
+        None => std::borrow::Cow::Owned(method.to_string()),
+    }
 }
 
 thread_local! {
