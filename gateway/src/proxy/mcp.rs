@@ -130,20 +130,17 @@ impl<'de> serde::Deserialize<'de> for Envelope<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut e = Envelope::default();
-                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
-                    let first = match k.as_ref() {
+                read_members(&mut m, |k, m| {
+                    Ok(match k {
                         "params" => first_of(&mut e.params, m.next_value()?),
                         "jsonrpc" => first_of(&mut e.jsonrpc, m.next_value()?),
                         "id" => first_of(&mut e.id, m.next_value()?),
                         "method" => first_of(&mut e.method, m.next_value()?),
                         "result" => first_of(&mut e.result, m.next_value()?),
                         "error" => first_of(&mut e.error, m.next_value()?),
-                        _ => skip(&mut m)?,
-                    };
-                    if !first {
-                        return Err(serde::de::Error::custom("duplicate key"));
-                    }
-                }
+                        _ => skip(m)?,
+                    })
+                })?;
                 Ok(e)
             }
         }
@@ -172,6 +169,21 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
         }
         d.deserialize_str(V)
     }
+}
+
+/// Reads an object's members with `read`, which stores one and says whether it was
+/// the first of its name; a member given twice is an error.
+fn read_members<'de, A, F>(m: &mut A, mut read: F) -> Result<(), A::Error>
+where
+    A: serde::de::MapAccess<'de>,
+    F: FnMut(&str, &mut A) -> Result<bool, A::Error>,
+{
+    while let Some(Key(k)) = m.next_key::<Key<'de>>()? {
+        if !read(&k, m)? {
+            return Err(serde::de::Error::custom("duplicate key"));
+        }
+    }
+    Ok(())
 }
 
 /// Stores a member's value; false when the member was already given.
@@ -207,17 +219,14 @@ impl<'de> serde::Deserialize<'de> for Params<'de> {
                 mut m: A,
             ) -> Result<Self::Value, A::Error> {
                 let mut p = Params::default();
-                while let Some(k) = m.next_key::<Key<'de>>()?.map(|k| k.0) {
-                    let first = match k.as_ref() {
+                read_members(&mut m, |k, m| {
+                    Ok(match k {
                         "name" => first_of(&mut p.name, m.next_value()?),
                         "uri" => first_of(&mut p.uri, m.next_value()?),
                         "arguments" => first_of(&mut p.arguments, m.next_value()?),
-                        _ => skip(&mut m)?,
-                    };
-                    if !first {
-                        return Err(serde::de::Error::custom("duplicate key"));
-                    }
-                }
+                        _ => skip(m)?,
+                    })
+                })?;
                 Ok(p)
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -1684,6 +1693,17 @@ mod tests {
         .unwrap();
         assert!(m[0].call.is_none());
         assert!(m[1].call.is_none());
+        // Escapes hide neither a repeated member nor a method or tool name.
+        let (m, _) = read_messages(
+            br#"[{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search_docs","name":"delete_repo"}},
+            {"jsonrpc":"2.0","id":8,"method":"tools\/call","params":{"name":"delete_repo"}}]"#,
+            true,
+        )
+        .unwrap();
+        assert!(m[0].call.is_none(), "an escaped repeat of `name`");
+        let c = m[1].call.as_ref().unwrap();
+        assert_eq!(c.method, "tools/call");
+        assert_eq!(c.tool(), Some("delete_repo"));
         assert!(read_messages(b"[]", true).is_none());
         assert!(read_messages(b"nope", true).is_none());
         assert!(read_messages(b"42", true).is_none());

@@ -102,6 +102,17 @@ impl Literals {
 
 /// The standard and URL-safe base64 of `v` at each of the 3 byte alignments
 /// it can have inside a larger encoded blob, and its lower/upper-case hex.
+/// Standard base64 text in the URL-safe alphabet (`-` and `_` for `+` and `/`).
+pub(super) fn url_safe(b64: &[u8]) -> Vec<u8> {
+    b64.iter()
+        .map(|&c| match c {
+            b'+' => b'-',
+            b'/' => b'_',
+            c => c,
+        })
+        .collect()
+}
+
 fn encoded_forms(v: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::with_capacity(8);
     for align in 0..3 {
@@ -115,14 +126,7 @@ fn encoded_forms(v: &[u8]) -> Vec<Vec<u8>> {
         let last = (8 * (align + v.len())) / 6;
         if first < last {
             let core = enc[first..last].to_vec();
-            let url: Vec<u8> = core
-                .iter()
-                .map(|&c| match c {
-                    b'+' => b'-',
-                    b'/' => b'_',
-                    c => c,
-                })
-                .collect();
+            let url = url_safe(&core);
             out.push(core);
             out.push(url);
         }
@@ -197,14 +201,7 @@ mod tests {
             data.extend_from_slice(b"trailing");
             let enc = base64_std(&data);
             assert_eq!(count(&l, &enc), 1, "alignment {}", prefix.len());
-            let url: Vec<u8> = enc
-                .iter()
-                .map(|&c| match c {
-                    b'+' => b'-',
-                    b'/' => b'_',
-                    c => c,
-                })
-                .collect();
+            let url = url_safe(&enc);
             assert_eq!(count(&l, &url), 1, "url-safe alignment {}", prefix.len());
         }
         let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::literals::base64_std;
+use super::literals::{base64_std, url_safe};
 use super::*;
 
 fn all() -> Scanner {
@@ -361,14 +361,7 @@ fn secret_file_literals_in_every_form() {
     for prefix in [&b""[..], b"x", b"xy"] {
         let enc = base64_std(&[prefix, &value[..], b"tail"].concat());
         check(&enc, BodyFormat::Text, "base64");
-        let url: Vec<u8> = enc
-            .iter()
-            .map(|&c| match c {
-                b'+' => b'-',
-                b'/' => b'_',
-                c => c,
-            })
-            .collect();
+        let url = url_safe(&enc);
         check(&url, BodyFormat::Text, "base64url");
         // Base64 in JSON may have `\/` escapes.
         let json = [
