@@ -264,10 +264,14 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             cel_vars.add(w);
         }
     }
-    let mcp_conditions = agents
-        .iter()
-        .flat_map(|a| a.pathways.iter())
-        .any(|p| p.mcp.is_some() && p.when.is_some());
+    let mcp_pathways = || {
+        agents
+            .iter()
+            .flat_map(|a| a.pathways.iter())
+            .filter(|p| p.mcp.is_some())
+    };
+    let has_mcp = mcp_pathways().next().is_some();
+    let mcp_conditions = mcp_pathways().any(|p| p.when.is_some());
     match errs.list.len() {
         0 => Ok(Policy {
             origin: origin.into(),
@@ -281,6 +285,7 @@ fn compile(file: PolicyFile, origin: &str) -> Result<Policy, PolicyError> {
             agent_index,
             cel_root: root_context(),
             cel_vars,
+            has_mcp,
             mcp_conditions,
         }),
         1 => Err(errs.list.remove(0)),

@@ -265,7 +265,9 @@ impl Policy {
     /// Pathways with `mcp` of the matching agents that list the destination and method.
     fn mcp_pathways(&self, req: &Request<'_>) -> Vec<&Arc<Pathway>> {
         let mut out = Vec::new();
-        if req.kind != RequestKind::Http
+        // Most policies have no MCP pathway: every L7 request asks, so answer at once.
+        if !self.has_mcp
+            || req.kind != RequestKind::Http
             || !self
                 .trust_domains
                 .iter()

@@ -19,6 +19,8 @@ pub struct Policy {
     pub(crate) cel_root: cel::Context<'static, 'static>,
     /// Variables any expression uses; only these are built per evaluation.
     pub(crate) cel_vars: VarSet,
+    /// Some pathway has `mcp`: only then is a request's body looked at for messages.
+    pub(crate) has_mcp: bool,
     /// Some pathway with `mcp` has a `when`, which may read a message's arguments.
     pub(crate) mcp_conditions: bool,
 }
