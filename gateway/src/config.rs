@@ -175,6 +175,8 @@ pub struct ResourceLimits {
 pub struct Telemetry {
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
+    /// Sent with every export (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. a collector's token.
+    pub otlp_headers: http::HeaderMap,
     pub service_name: String,
     pub audit_log: AuditSink,
     /// Size-based rotation of a file `audit_log`; `None`: the file grows until an
@@ -352,6 +354,16 @@ impl GatewayConfig {
                     format!("`{other}` is not one of grpc, http/protobuf"),
                 ))
             }
+        };
+        let otlp_headers = match env
+            .var("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+            .map(|v| ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", v))
+            .or_else(|| {
+                env.var("OTEL_EXPORTER_OTLP_HEADERS")
+                    .map(|v| ("OTEL_EXPORTER_OTLP_HEADERS", v))
+            }) {
+            None => http::HeaderMap::new(),
+            Some((name, value)) => otlp_headers(&value).map_err(|message| bad(name, message))?,
         };
         let service_name = raw
             .telemetry
@@ -565,6 +577,7 @@ impl GatewayConfig {
             telemetry: Telemetry {
                 otlp_endpoint,
                 otlp_protocol,
+                otlp_headers,
                 service_name,
                 audit_log,
                 audit_rotation,
@@ -624,6 +637,42 @@ impl Fields<'_> {
             },
         }
     }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas, values
+/// percent-encoded, as the OpenTelemetry specification writes them.
+fn otlp_headers(list: &str) -> Result<http::HeaderMap, String> {
+    let mut headers = http::HeaderMap::new();
+    for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(format!("`{pair}` is not of the form key=value"));
+        };
+        let name = http::HeaderName::from_bytes(key.trim().as_bytes())
+            .map_err(|_| format!("`{}` is not a header name", key.trim()))?;
+        let decoded = percent_decode(value.trim())
+            .ok_or_else(|| format!("the value of `{name}` has a bad percent-escape"))?;
+        let value = http::HeaderValue::from_bytes(&decoded)
+            .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
 }
 
 /// Parses YAML with the failing field's path and line in the error.
@@ -701,6 +750,38 @@ on_backend_error: deny
         assert_eq!(cfg.timeouts.idle, Duration::from_secs(300));
         assert_eq!(cfg.telemetry.audit_log, AuditSink::Stdout);
         assert_eq!(cfg.on_backend_error, OnBackendError::Deny);
+    }
+
+    #[test]
+    fn otlp_headers_come_from_the_standard_variables() {
+        let load_with = |env: &FakeEnv| {
+            GatewayConfig::from_yaml_str(
+                "policy: p.yaml\n",
+                "gateway.yaml",
+                &Overrides::default(),
+                env,
+            )
+        };
+        let mut env = env();
+        env.0.insert(
+            "OTEL_EXPORTER_OTLP_HEADERS",
+            "authorization=Bearer%20abc, x-scope-orgid=team-1",
+        );
+        let cfg = load_with(&env).unwrap();
+        let h = &cfg.telemetry.otlp_headers;
+        assert_eq!(h["authorization"], "Bearer abc");
+        assert_eq!(h["x-scope-orgid"], "team-1");
+
+        // The traces variable wins; a bad one names itself and what is wrong.
+        for (value, says) in [
+            ("x-token=%zz", "percent-escape"),
+            ("no-equals-sign", "key=value"),
+        ] {
+            env.0.insert("OTEL_EXPORTER_OTLP_TRACES_HEADERS", value);
+            let err = load_with(&env).unwrap_err().to_string();
+            assert!(err.contains("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), "{err}");
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     #[test]

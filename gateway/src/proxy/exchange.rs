@@ -9,10 +9,9 @@ use std::time::Instant;
 use egress_policy::Decision;
 
 use http::HeaderMap;
-use opentelemetry::KeyValue;
 
 use crate::audit::{merge_dlp, now_rfc3339, AuditLog, AuditRecord, DlpFinding};
-use crate::telemetry::{RequestSpan, Telemetry, TraceContext};
+use crate::telemetry::{Attributes, RequestSpan, Telemetry, TraceContext};
 
 use super::llm::{Accounting, Provider};
 use super::refusal::Refusal;
@@ -232,9 +231,9 @@ impl Exchange {
             }
             let elapsed = self.started.elapsed();
             record.duration_ms = elapsed.as_millis() as u64;
-            if let Some(mut span) = self.span.take().filter(RequestSpan::is_recorded) {
-                span.set(span_attributes(&record, self.peer_address));
-                span.end(record.status, record.error.as_deref());
+            if let Some(span) = self.span.take().filter(RequestSpan::is_recorded) {
+                let attributes = span_attributes(&record, self.peer_address);
+                span.end(&attributes, record.status, record.error.as_deref());
             }
             self.telemetry
                 .metrics
@@ -348,44 +347,51 @@ impl Drop for Exchange {
     }
 }
 
-/// OpenTelemetry HTTP semantic-convention attributes plus the gateway's own.
-fn span_attributes(r: &AuditRecord, agent: std::net::SocketAddr) -> Vec<KeyValue> {
-    let mut attrs = Vec::with_capacity(32);
-    attrs.extend([
-        KeyValue::new("http.request.method", r.method.clone()),
-        KeyValue::new("server.address", r.host.clone()),
-        KeyValue::new("server.port", i64::from(r.port)),
-        KeyValue::new("http.response.status_code", i64::from(r.status)),
-        KeyValue::new("spiffe.peer_id", r.source_spiffe_id.clone()),
-        KeyValue::new("egress.kind", r.kind),
-        KeyValue::new("egress.decision", r.decision),
-        KeyValue::new("egress.enforced", r.enforced),
-        KeyValue::new("egress.rule", r.rule.clone().unwrap_or_default()),
-        KeyValue::new("egress.pathway", r.pathway.clone().unwrap_or_default()),
-        KeyValue::new("egress.agent", r.agent.clone().unwrap_or_default()),
-        KeyValue::new("egress.reason", r.reason.clone()),
-        KeyValue::new("egress.bytes_sent", r.bytes_sent as i64),
-        KeyValue::new("egress.bytes_received", r.bytes_received as i64),
-    ]);
+/// OpenTelemetry HTTP semantic-convention attributes plus the gateway's own, encoded
+/// from the record as they are read.
+fn span_attributes(r: &AuditRecord, agent: std::net::SocketAddr) -> Attributes {
+    let mut a = Attributes::for_span();
+    a.str("http.request.method", &r.method);
+    a.str("server.address", &r.host);
+    a.int("server.port", i64::from(r.port));
+    a.int("http.response.status_code", i64::from(r.status));
+    a.str("spiffe.peer_id", &r.source_spiffe_id);
+    a.str("egress.kind", r.kind);
+    a.str("egress.decision", r.decision);
+    a.bool("egress.enforced", r.enforced);
+    a.str("egress.rule", r.rule.as_deref().unwrap_or_default());
+    a.str("egress.pathway", r.pathway.as_deref().unwrap_or_default());
+    a.str("egress.agent", r.agent.as_deref().unwrap_or_default());
+    a.str("egress.reason", &r.reason);
+    a.int("egress.bytes_sent", r.bytes_sent as i64);
+    a.int("egress.bytes_received", r.bytes_received as i64);
     if r.tls_intercepted {
-        attrs.push(KeyValue::new("egress.tls_intercepted", true));
+        a.bool("egress.tls_intercepted", true);
     }
     if r.kind == "http" {
         let scheme = if r.tls_intercepted { "https" } else { "http" };
-        attrs.push(KeyValue::new(
+        let mut port = [0; 5];
+        a.parts(
             "url.full",
-            format!("{scheme}://{}:{}{}", r.host, r.port, r.path),
-        ));
-        attrs.push(KeyValue::new("url.path", r.path.clone()));
+            &[
+                scheme,
+                "://",
+                &r.host,
+                ":",
+                decimal(r.port, &mut port),
+                &r.path,
+            ],
+        );
+        a.str("url.path", &r.path);
     }
     // The agent is the client: its IP and port apart, as the semantic conventions
     // name them (`client.address` never carries a port).
-    attrs.push(KeyValue::new("client.address", agent.ip().to_string()));
-    attrs.push(KeyValue::new("client.port", i64::from(agent.port())));
+    a.str("client.address", &agent.ip().to_string());
+    a.int("client.port", i64::from(agent.port()));
     // The destination is `server.*` (the host the agent asked for); the address the
     // gateway connected to for it is `network.peer.*`.
     if let Some(ip) = &r.resolved_ip {
-        attrs.push(KeyValue::new("network.peer.address", ip.clone()));
+        a.str("network.peer.address", ip);
     }
     // The findings as `detector/direction/action=count`, never the matched text.
     if !r.dlp.is_empty() {
@@ -394,52 +400,67 @@ fn span_attributes(r: &AuditRecord, agent: std::net::SocketAddr) -> Vec<KeyValue
             .iter()
             .map(|f| format!("{}/{}/{}={}", f.detector, f.direction, f.action, f.count))
             .collect();
-        attrs.push(KeyValue::new("egress.dlp", findings.join(",")));
+        a.str("egress.dlp", &findings.join(","));
     }
     if let Some(verdict) = r.guard {
-        attrs.push(KeyValue::new("egress.guard", verdict));
+        a.str("egress.guard", verdict);
     }
     // OpenTelemetry GenAI semantic conventions.
     if let Some(method) = &r.mcp_method {
-        attrs.push(KeyValue::new("mcp.method.name", method.clone()));
+        a.str("mcp.method.name", method);
     }
     if let Some(tool) = &r.mcp_tool {
-        attrs.push(KeyValue::new("mcp.tool.name", tool.clone()));
+        a.str("mcp.tool.name", tool);
     }
     if let Some(id) = &r.mcp_request_id {
-        attrs.push(KeyValue::new("jsonrpc.request.id", id.clone()));
+        a.str("jsonrpc.request.id", id);
     }
     if let Some(system) = r.llm_provider {
-        attrs.push(KeyValue::new("gen_ai.system", system));
+        a.str("gen_ai.system", system);
     }
     if let Some(model) = &r.llm_model {
-        attrs.push(KeyValue::new("gen_ai.request.model", model.clone()));
+        a.str("gen_ai.request.model", model);
     }
     if let Some(model) = &r.llm_response_model {
-        attrs.push(KeyValue::new("gen_ai.response.model", model.clone()));
+        a.str("gen_ai.response.model", model);
     }
     if let Some(n) = r.llm_input_tokens {
-        attrs.push(KeyValue::new(
+        a.int(
             "gen_ai.usage.input_tokens",
             i64::try_from(n).unwrap_or(i64::MAX),
-        ));
+        );
     }
     if let Some(n) = r.llm_output_tokens {
-        attrs.push(KeyValue::new(
+        a.int(
             "gen_ai.usage.output_tokens",
             i64::try_from(n).unwrap_or(i64::MAX),
-        ));
+        );
     }
     if let Some(source) = r.llm_usage_source {
-        attrs.push(KeyValue::new("egress.llm_usage_source", source));
+        a.str("egress.llm_usage_source", source);
     }
     if let Some(limit) = &r.limit {
-        attrs.push(KeyValue::new("egress.limit", limit.clone()));
+        a.str("egress.limit", limit);
     }
     if let Some(e) = &r.error {
-        attrs.push(KeyValue::new("error.type", e.clone()));
+        a.str("error.type", e);
     }
-    attrs
+    a
+}
+
+/// `n` in decimal, written into `buf`.
+fn decimal(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    std::str::from_utf8(&buf[start..]).unwrap_or_default()
 }
 
 /// Bytes moved through a request or tunnel, updated while it runs.
@@ -465,5 +486,17 @@ impl ByteCounts {
     }
     pub fn received(&self) -> u64 {
         self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    #[test]
+    fn ports_in_decimal() {
+        for n in [0u16, 7, 10, 443, 8080, 65535] {
+            assert_eq!(decimal(n, &mut [0; 5]), n.to_string());
+        }
     }
 }

@@ -2,74 +2,47 @@
 //!
 //! Every request or tunnel gets one span. Its parent is the agent's `traceparent`, its
 //! IDs go into the audit line, and it is the parent of the `traceparent` the gateway
-//! sends upstream. Export is batched on a background thread: a collector that is down
-//! or slow costs dropped spans (counted), never a slower or failed request.
+//! sends upstream. A span is encoded as OTLP protobuf when its request ends and exported
+//! in batches by a task of its own: a collector that is down or slow costs dropped spans
+//! (counted), never a slower or failed request.
 
 mod otlp;
+mod span_encoding;
 pub mod trace_context;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-use opentelemetry::trace::{
-    Span as _, SpanId, SpanKind, Status, TraceContextExt, TraceId, Tracer as _,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider, Span};
 
 use crate::config;
 use crate::metrics::Metrics;
 
 pub use otlp::TelemetryError;
+pub use span_encoding::Attributes;
 pub use trace_context::TraceContext;
 
-/// The tracer and metrics every request reports to.
+/// The span exporter and metrics every request reports to.
 pub struct Telemetry {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
+    exporter: Option<Arc<otlp::Exporter>>,
     pub metrics: Arc<Metrics>,
-    exporting: bool,
 }
 
 impl Telemetry {
     /// Exports spans when an OTLP endpoint is configured; otherwise spans still get IDs
-    /// (for the audit log and `traceparent`) but go nowhere.
+    /// (for the audit log and `traceparent`) but go nowhere. Call within the gateway's
+    /// runtime, which runs the export.
     pub fn new(cfg: &config::Telemetry) -> Result<Self, TelemetryError> {
         let metrics = Arc::new(Metrics::new());
-        let provider = otlp::provider(cfg, &metrics)?;
-        Ok(Self::from_provider(
-            provider,
-            metrics,
-            cfg.otlp_endpoint.is_some(),
-        ))
-    }
-
-    /// No export: for tests and tools that only need IDs and metrics.
-    pub fn disabled() -> Self {
-        let provider = SdkTracerProvider::builder()
-            .with_id_generator(PresetIds)
-            .build();
-        Self::from_provider(provider, Arc::new(Metrics::new()), false)
-    }
-
-    fn from_provider(provider: SdkTracerProvider, metrics: Arc<Metrics>, exporting: bool) -> Self {
-        use opentelemetry::trace::TracerProvider as _;
-        let tracer = provider.tracer("egress-gateway");
-        Telemetry {
-            provider,
-            tracer,
-            metrics,
-            exporting,
-        }
-    }
-
-    pub fn is_exporting(&self) -> bool {
-        self.exporting
+        let exporter = match &cfg.otlp_endpoint {
+            Some(endpoint) => Some(Arc::new(otlp::Exporter::start(cfg, endpoint, &metrics)?)),
+            None => None,
+        };
+        Ok(Telemetry { exporter, metrics })
     }
 
     /// Starts the span of one request; `parent` is the agent's trace context, if any.
     /// Its IDs exist at once (for the audit line and `traceparent`); the span itself
-    /// is built when the request ends, from the attributes it ended with, and not at
+    /// is encoded when the request ends, from the attributes it ended with, and not at
     /// all when the request is [`RequestSpan::discard`]ed.
     pub fn start_span(&self, method: &str, parent: Option<TraceContext>) -> RequestSpan {
         let ctx = TraceContext {
@@ -78,47 +51,40 @@ impl Telemetry {
                 None => nonzero_id(),
             },
             span_id: nonzero_id(),
-            // Parent-based sampling, as the SDK's default sampler decides it.
+            // Parent-based sampling: the agent's decision when it sent one, else on.
             sampled: parent.is_none_or(|p| p.sampled),
         };
         RequestSpan {
             // Nothing to build for a span that goes nowhere.
-            recorded: self.exporting && ctx.sampled,
-            tracer: self.tracer.clone(),
+            exporter: self.exporter.clone().filter(|_| ctx.sampled),
             name: span_name(method),
             parent,
             start: SystemTime::now(),
-            attributes: Vec::new(),
             ctx,
         }
     }
 
     /// Exports what is queued (bounded); call once at shutdown.
     pub async fn shutdown(&self) {
-        let provider = self.provider.clone();
-        // The SDK's shutdown blocks the calling thread.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::task::spawn_blocking(move || provider.shutdown()),
-        )
-        .await;
+        if let Some(exporter) = &self.exporter {
+            let _ = tokio::time::timeout(Duration::from_secs(5), exporter.shutdown()).await;
+        }
     }
 
     /// Exports what is queued now (tests use it to see spans without waiting).
     pub async fn flush(&self) {
-        let provider = self.provider.clone();
-        let _ = tokio::task::spawn_blocking(move || provider.force_flush()).await;
+        if let Some(exporter) = &self.exporter {
+            exporter.flush().await;
+        }
     }
 }
 
 /// The span of one request or tunnel, until it ends.
 pub struct RequestSpan {
-    recorded: bool,
-    tracer: SdkTracer,
-    name: std::borrow::Cow<'static, str>,
+    exporter: Option<Arc<otlp::Exporter>>,
+    name: Cow<'static, str>,
     parent: Option<TraceContext>,
     start: SystemTime,
-    attributes: Vec<KeyValue>,
     pub ctx: TraceContext,
 }
 
@@ -126,38 +92,38 @@ impl RequestSpan {
     /// Whether the span is exported (an OTLP endpoint is set and the trace is
     /// sampled): attributes are worth building only then.
     pub fn is_recorded(&self) -> bool {
-        self.recorded
+        self.exporter.is_some()
     }
 
-    pub fn set(&mut self, attrs: impl IntoIterator<Item = KeyValue>) {
-        self.attributes.extend(attrs);
-    }
-
-    pub fn end(self, status: u16, error: Option<&str>) {
-        if !self.recorded {
+    /// Ends the span with the attributes the request ended with; a 5xx `status` marks
+    /// it failed, with `error` (or the status) as the message.
+    pub fn end(self, attributes: &Attributes, status: u16, error: Option<&str>) {
+        let Some(exporter) = &self.exporter else {
             return;
-        }
-        let parent_cx = match self.parent {
-            Some(p) => Context::new().with_remote_span_context(p.to_span_context()),
-            None => Context::new(),
         };
-        PRESET.set(Some((self.ctx.trace_id, self.ctx.span_id)));
-        let mut span: Span = self
-            .tracer
-            .span_builder(self.name)
-            .with_kind(SpanKind::Server)
-            .with_start_time(self.start)
-            .with_attributes(self.attributes)
-            .start_with_context(&self.tracer, &parent_cx);
-        PRESET.set(None);
-        if status >= 500 {
-            span.set_status(Status::error(
-                error
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("HTTP {status}")),
-            ));
-        }
-        span.end_with_timestamp(SystemTime::now());
+        let status_message;
+        let error = if status >= 500 {
+            match error {
+                Some(e) => Some(e),
+                None => {
+                    status_message = format!("HTTP {status}");
+                    Some(status_message.as_str())
+                }
+            }
+        } else {
+            None
+        };
+        exporter.push(&span_encoding::SpanFields {
+            trace_id: &self.ctx.trace_id,
+            span_id: &self.ctx.span_id,
+            remote_parent: self.parent.as_ref().map(|p| &p.span_id),
+            sampled: self.ctx.sampled,
+            name: &self.name,
+            start_unix_nanos: unix_nanos(self.start),
+            end_unix_nanos: unix_nanos(SystemTime::now()),
+            attributes,
+            error,
+        });
     }
 
     /// Ends without a span (an intercepted tunnel: its requests have their own).
@@ -165,40 +131,19 @@ impl RequestSpan {
 }
 
 /// A request's span is named after its method: the standard ones need no copy.
-fn span_name(method: &str) -> std::borrow::Cow<'static, str> {
+fn span_name(method: &str) -> Cow<'static, str> {
     const STANDARD: [&str; 9] = [
         "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
     ];
     match STANDARD.iter().find(|m| **m == method) {
-        Some(m) => std::borrow::Cow::Borrowed(m),
-        None => std::borrow::Cow::Owned(method.to_string()),
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(method.to_string()),
     }
 }
 
-thread_local! {
-    /// The IDs the next span built on this thread takes (see [`PresetIds`]).
-    static PRESET: std::cell::Cell<Option<([u8; 16], [u8; 8])>> = const { std::cell::Cell::new(None) };
-}
-
-/// Gives the span being built the IDs its request has carried since it began (in the
-/// audit line, in `traceparent` upstream); the SDK's builder ignores preset IDs.
-#[derive(Debug)]
-struct PresetIds;
-
-impl opentelemetry_sdk::trace::IdGenerator for PresetIds {
-    fn new_trace_id(&self) -> TraceId {
-        match PRESET.get() {
-            Some((t, _)) => TraceId::from_bytes(t),
-            None => TraceId::from_bytes(nonzero_id()),
-        }
-    }
-
-    fn new_span_id(&self) -> SpanId {
-        match PRESET.get() {
-            Some((_, s)) => SpanId::from_bytes(s),
-            None => SpanId::from_bytes(nonzero_id()),
-        }
-    }
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// A random trace or span ID (never all zeroes, which W3C trace context forbids).

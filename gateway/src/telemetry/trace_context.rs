@@ -1,7 +1,6 @@
 //! W3C trace context: the agent's `traceparent` becomes the parent of the gateway's span.
 
 use http::HeaderMap;
-use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceContext {
@@ -22,28 +21,6 @@ impl TraceContext {
             span_id,
             sampled,
         })
-    }
-
-    pub fn from_span_context(sc: &SpanContext) -> Self {
-        TraceContext {
-            trace_id: sc.trace_id().to_bytes(),
-            span_id: sc.span_id().to_bytes(),
-            sampled: sc.is_sampled(),
-        }
-    }
-
-    pub fn to_span_context(self) -> SpanContext {
-        SpanContext::new(
-            TraceId::from_bytes(self.trace_id),
-            SpanId::from_bytes(self.span_id),
-            if self.sampled {
-                TraceFlags::SAMPLED
-            } else {
-                TraceFlags::default()
-            },
-            true,
-            TraceState::default(),
-        )
     }
 
     pub fn trace_id_hex(&self) -> String {
