@@ -44,7 +44,7 @@
 # every measure on each system in turn (the order rotates every round):
 # 1. one 200 MB download through one tunnel: MB/s, and the proxy's CPU-seconds per GB
 #    (utime+stime from /proc/PID/stat before and after, in 10 ms ticks);
-# 2. closed loop, small GETs on 16 and on 64 keep-alive connections (absolute-form
+# 2. closed loop, small GETs on 16, 64 and 256 keep-alive connections (absolute-form
 #    http:// requests to the gateway and Smokescreen): requests/s; upstream connections
 #    opened per 1000 requests, counted by the upstream and, for the gateway, by its
 #    egress_upstream_connections_total;

@@ -27,6 +27,9 @@ const (
 	mClosed64    = "closed64_rps"
 	mUpNew       = "closed64_upstream_new_per_1000"
 	mGwUpNew     = "closed64_gw_metric_per_1000"
+	mClosed256   = "closed256_rps"
+	mUpNew256    = "closed256_upstream_new_per_1000"
+	mGwUpNew256  = "closed256_gw_metric_per_1000"
 	mOpenCPU     = "open_cpu_per_1000"
 	mOpenP50     = "open_p50_us"
 	mOpenP99     = "open_p99_us"
@@ -294,20 +297,27 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 			r.record(mOtlpRatio, gatewayName, (on[0].rps+on[1].rps)/(off[0].rps+off[1].rps))
 		}
 	}
-	for _, s := range order {
-		if !r.runs("closed") {
-			break
-		}
-		res, err := r.closedLoop(s, 64, r.duration)
-		if err != nil {
-			return fmt.Errorf("closed loop (64) via %s: %w", s.name, err)
-		}
-		r.record(mClosed64, s.name, res.rps)
-		if s.kind != "direct" {
-			r.record(mUpNew, s.name, res.upstreamNew/float64(res.requests)*1000)
-		}
-		if s.admin != "" {
-			r.record(mGwUpNew, s.name, res.gwUpstreamNew/float64(res.requests)*1000)
+	// 64 and 256 connections: the upstream pool must hold as many idle connections
+	// as there are concurrent agents, or every round dials again.
+	for _, many := range []struct {
+		conns               int
+		rps, upNew, gwUpNew string
+	}{{64, mClosed64, mUpNew, mGwUpNew}, {256, mClosed256, mUpNew256, mGwUpNew256}} {
+		for _, s := range order {
+			if !r.runs("closed") {
+				break
+			}
+			res, err := r.closedLoop(s, many.conns, r.duration)
+			if err != nil {
+				return fmt.Errorf("closed loop (%d) via %s: %w", many.conns, s.name, err)
+			}
+			r.record(many.rps, s.name, res.rps)
+			if s.kind != "direct" {
+				r.record(many.upNew, s.name, res.upstreamNew/float64(res.requests)*1000)
+			}
+			if s.admin != "" {
+				r.record(many.gwUpNew, s.name, res.gwUpstreamNew/float64(res.requests)*1000)
+			}
 		}
 	}
 	// 3. Open loop at a fixed rate.
@@ -458,6 +468,12 @@ func (r *runner) closedLoop(s *system, conns int, d time.Duration) (loopResult, 
 		return loopResult{}, err
 	}
 	defer closeAll(hs)
+	// A moment of the same load first, uncounted: the proxy's upstream pool grows to
+	// the number of requests in flight, which one request per connection does not reach.
+	// What is counted after that is churn, not growth.
+	if _, failed, err := hammer(hs, time.Now().Add(min(d/4, time.Second))); failed == conns {
+		return loopResult{}, fmt.Errorf("warm-up: every connection failed: %v", err)
+	}
 	up0, err := upstreamConns(r.control)
 	if err != nil {
 		return loopResult{}, err
@@ -468,10 +484,38 @@ func (r *runner) closedLoop(s *system, conns int, d time.Duration) (loopResult, 
 			return loopResult{}, err
 		}
 	}
+	start := time.Now()
+	done, f, firstErr := hammer(hs, start.Add(d))
+	elapsed := time.Since(start)
+	res := loopResult{requests: done}
+	res.rps = float64(res.requests) / elapsed.Seconds()
+	if f > 0 {
+		r.errors[s.name] += f
+		if f == conns {
+			return res, fmt.Errorf("every connection failed: %v", firstErr)
+		}
+		logf("%s: %d of %d connections failed (%v)", s.name, f, conns, firstErr)
+	}
+	up1, err := upstreamConns(r.control)
+	if err != nil {
+		return res, err
+	}
+	res.upstreamNew = up1 - up0
+	if s.admin != "" {
+		gw1, err := metric(s.admin+"/metrics", "egress_upstream_connections_total")
+		if err != nil {
+			return res, err
+		}
+		res.gwUpstreamNew = gw1 - gw0
+	}
+	return res, nil
+}
+
+// hammer sends requests back to back on every connection until the deadline: the
+// requests done, the connections that failed and the first error.
+func hammer(hs []*hconn, until time.Time) (int, int, error) {
 	var done, failed atomic.Int64
 	var firstErr atomic.Value
-	start := time.Now()
-	until := start.Add(d)
 	var wg sync.WaitGroup
 	for _, h := range hs {
 		wg.Add(1)
@@ -488,29 +532,8 @@ func (r *runner) closedLoop(s *system, conns int, d time.Duration) (loopResult, 
 		}()
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	res := loopResult{requests: int(done.Load())}
-	res.rps = float64(res.requests) / elapsed.Seconds()
-	if f := failed.Load(); f > 0 {
-		r.errors[s.name] += int(f)
-		if f == int64(conns) {
-			return res, fmt.Errorf("every connection failed: %v", firstErr.Load())
-		}
-		logf("%s: %d of %d connections failed (%v)", s.name, f, conns, firstErr.Load())
-	}
-	up1, err := upstreamConns(r.control)
-	if err != nil {
-		return res, err
-	}
-	res.upstreamNew = up1 - up0
-	if s.admin != "" {
-		gw1, err := metric(s.admin+"/metrics", "egress_upstream_connections_total")
-		if err != nil {
-			return res, err
-		}
-		res.gwUpstreamNew = gw1 - gw0
-	}
-	return res, nil
+	err, _ := firstErr.Load().(error)
+	return int(done.Load()), int(failed.Load()), err
 }
 
 func (r *runner) openLoop(s *system) error {
@@ -772,6 +795,9 @@ func (r *runner) report(has map[string]bool, rounds int, notes []string) {
 		{"closed loop, 64 keep-alive conns: req/s", mClosed64},
 		{"closed loop, 64 conns: new upstream conns per 1000 req (counted by the upstream)", mUpNew},
 		{"closed loop, 64 conns: `egress_upstream_connections_total` per 1000 req", mGwUpNew},
+		{"closed loop, 256 keep-alive conns: req/s", mClosed256},
+		{"closed loop, 256 conns: new upstream conns per 1000 req (counted by the upstream)", mUpNew256},
+		{"closed loop, 256 conns: `egress_upstream_connections_total` per 1000 req", mGwUpNew256},
 		{fmt.Sprintf("open loop, %d req/s: proxy CPU-s per 1000 req", r.rate), mOpenCPU},
 		{fmt.Sprintf("open loop, %d req/s: p50 latency, µs", r.rate), mOpenP50},
 		{fmt.Sprintf("open loop, %d req/s: p99 latency, µs", r.rate), mOpenP99},
