@@ -12,6 +12,7 @@ use std::time::Duration;
 use test_harness::agent::AgentClient;
 use test_harness::ca::TestCa;
 use test_harness::gateway::{admin_get, gateway_identity, read_audit, GATEWAY_ID};
+use test_harness::otlp::{HttpOtlpReceiver, OtlpReceiver};
 use test_harness::upstream::{HttpEcho, TcpEcho};
 use test_harness::workload_api::FakeWorkloadApi;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -61,8 +62,17 @@ impl Log {
 /// Starts the binary with `args`, the Workload API socket in `SPIFFE_ENDPOINT_SOCKET`,
 /// and its log collected.
 fn spawn(args: &[&str], workload_api: &str) -> (tokio::process::Child, Log) {
+    spawn_with_env(args, workload_api, &[])
+}
+
+fn spawn_with_env(
+    args: &[&str],
+    workload_api: &str,
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, Log) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-gateway"))
         .args(args)
+        .envs(env.iter().copied())
         .env("SPIFFE_ENDPOINT_SOCKET", workload_api)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -79,6 +89,23 @@ fn spawn(args: &[&str], workload_api: &str) -> (tokio::process::Child, Log) {
         }
     });
     (child, log)
+}
+
+/// The proxy listener's address, from the gateway's start-up log line.
+async fn proxy_addr(log: &Log) -> SocketAddr {
+    field(
+        &log.wait_for("egress gateway listening").await,
+        "proxy_addr",
+    )
+    .parse()
+    .unwrap()
+}
+
+/// The research agent, with an SVID of `ca`, talking to the gateway at `proxy`.
+fn research_agent(ca: &TestCa, proxy: SocketAddr) -> AgentClient {
+    AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
+        .unwrap()
+        .expect_gateway_id(GATEWAY_ID)
 }
 
 /// A field of a log line. Logs to a pipe are JSON, one object per line.
@@ -163,20 +190,13 @@ async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
     let config_arg = config.display().to_string();
     let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
     let pid = child.id().unwrap();
-    let proxy: SocketAddr = field(
-        &log.wait_for("egress gateway listening").await,
-        "proxy_addr",
-    )
-    .parse()
-    .unwrap();
+    let proxy = proxy_addr(&log).await;
     let admin: SocketAddr = field(&log.wait_for("admin listener up").await, "admin_addr")
         .parse()
         .unwrap();
     assert_eq!(admin_get(admin, "/readyz").await.unwrap().0, 200);
 
-    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
-        .unwrap()
-        .expect_gateway_id(GATEWAY_ID);
+    let agent = research_agent(&ca, proxy);
     let url = format!("http://localhost:{}/docs", http.addr.port());
     assert_eq!(get(&agent, &url).await, 200);
 
@@ -234,6 +254,70 @@ async fn run_serves_reloads_on_sighup_and_drains_tunnels_on_sigterm() {
     let tunnel_line = audit.iter().find(|l| l["kind"] == "connect").unwrap();
     assert_eq!(tunnel_line["bytes_sent"], 10);
     assert_eq!(tunnel_line["bytes_received"], 10);
+    api.shutdown().await;
+}
+
+/// The standard OpenTelemetry variables alone configure span export, on both
+/// transports: endpoint, protocol, service name, and headers (a collector's token)
+/// sent with every export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_environment_variables_configure_span_export() {
+    let ca = TestCa::new("example.org");
+    let api = FakeWorkloadApi::start_in_tempdir(gateway_identity(&ca))
+        .await
+        .unwrap();
+    let http = HttpEcho::start().await.unwrap();
+    let grpc = OtlpReceiver::start().await.unwrap();
+    let Some(http_collector) = HttpOtlpReceiver::start(200).await.unwrap() else {
+        return;
+    };
+    for (protocol, endpoint) in [
+        ("grpc", grpc.endpoint()),
+        ("http/protobuf", http_collector.endpoint()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = write_config(dir.path(), &policy(http.addr.port(), 9));
+        let config_arg = config.display().to_string();
+        let (_child, log) = spawn_with_env(
+            &["run", "--config", &config_arg],
+            &api.endpoint(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_SERVICE_NAME", "egress-gateway-cli-test"),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "x-collector-token=s3cret%2Fvalue,x-tenant=ai",
+                ),
+            ],
+        );
+        let proxy = proxy_addr(&log).await;
+        let agent = research_agent(&ca, proxy);
+        let url = format!("http://localhost:{}/exported", http.addr.port());
+        assert_eq!(get(&agent, &url).await, 200);
+
+        // Exported within the 500 ms batch delay.
+        let spans = match protocol {
+            "grpc" => grpc.wait_for_spans(1).await,
+            _ => http_collector.wait_for_spans(1).await,
+        };
+        let span = spans
+            .iter()
+            .find(|s| s.str("url.path") == Some("/exported"))
+            .unwrap_or_else(|| panic!("{protocol}: no span for the request: {spans:#?}"));
+        assert_eq!(
+            span.service_name.as_deref(),
+            Some("egress-gateway-cli-test"),
+            "{protocol}"
+        );
+        let header = |name: &str| span.request_headers.get(name).map(String::as_str);
+        assert_eq!(
+            header("x-collector-token"),
+            Some("s3cret/value"),
+            "{protocol}"
+        );
+        assert_eq!(header("x-tenant"), Some("ai"), "{protocol}");
+    }
     api.shutdown().await;
 }
 
@@ -397,18 +481,11 @@ async fn a_reload_onto_a_fifo_secret_takes_its_pathway_out_and_the_gateway_keeps
     let config_arg = config.display().to_string();
     let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
     let pid = child.id().unwrap();
-    let proxy: SocketAddr = field(
-        &log.wait_for("egress gateway listening").await,
-        "proxy_addr",
-    )
-    .parse()
-    .unwrap();
+    let proxy = proxy_addr(&log).await;
     let admin: SocketAddr = field(&log.wait_for("admin listener up").await, "admin_addr")
         .parse()
         .unwrap();
-    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
-        .unwrap()
-        .expect_gateway_id(GATEWAY_ID);
+    let agent = research_agent(&ca, proxy);
     let url = format!("http://localhost:{}/docs", http.addr.port());
     assert_eq!(get(&agent, &url).await, 200);
 
@@ -476,15 +553,8 @@ async fn sigusr1_reopens_the_audit_log_after_logrotate_moved_it() {
     let config_arg = config.display().to_string();
     let (mut child, log) = spawn(&["run", "--config", &config_arg], &api.endpoint());
     let pid = child.id().unwrap();
-    let proxy: SocketAddr = field(
-        &log.wait_for("egress gateway listening").await,
-        "proxy_addr",
-    )
-    .parse()
-    .unwrap();
-    let agent = AgentClient::new(&ca.mint_svid(RESEARCH), &[ca.root_cert()], proxy)
-        .unwrap()
-        .expect_gateway_id(GATEWAY_ID);
+    let proxy = proxy_addr(&log).await;
+    let agent = research_agent(&ca, proxy);
     let audit = dir.path().join("audit.log");
     let rotated = dir.path().join("audit.log-20260101");
     let url = |n: u32| format!("http://localhost:{}/before-{n}", http.addr.port());

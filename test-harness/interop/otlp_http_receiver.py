@@ -92,6 +92,8 @@ class Handler(BaseHTTPRequestHandler):
                             "service_name": resource.get("service.name"),
                             "scope": ss.scope.name,
                             "status_code": span.status.code,
+                            "status_message": span.status.message,
+                            "request_headers": {k.lower(): v for k, v in self.headers.items()},
                             "start_unix_nano": span.start_time_unix_nano,
                             "end_unix_nano": span.end_time_unix_nano,
                         }

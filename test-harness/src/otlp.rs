@@ -26,6 +26,12 @@ pub struct CapturedSpan {
     pub kind: i32,
     pub attributes: HashMap<String, AttrValue>,
     pub service_name: Option<String>,
+    /// `Status.code` (2: error) and `Status.message`.
+    pub status_code: i32,
+    pub status_message: String,
+    /// Headers (gRPC metadata) of the export request that carried the span, names in
+    /// lower case.
+    pub request_headers: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -85,6 +91,18 @@ impl TraceService for Collector {
             2 => return Err(tonic::Status::unavailable("collector overloaded (test)")),
             _ => {}
         }
+        let request_headers: HashMap<String, String> = request
+            .metadata()
+            .clone()
+            .into_headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let mut out = Vec::new();
         for rs in request.into_inner().resource_spans {
             let service_name = rs.resource.as_ref().and_then(|r| {
@@ -121,6 +139,13 @@ impl TraceService for Collector {
                         kind: span.kind,
                         attributes,
                         service_name: service_name.clone(),
+                        status_code: span.status.as_ref().map_or(0, |s| s.code),
+                        status_message: span
+                            .status
+                            .as_ref()
+                            .map(|s| s.message.clone())
+                            .unwrap_or_default(),
+                        request_headers: request_headers.clone(),
                     });
                 }
             }
@@ -330,5 +355,16 @@ fn captured_from_json(v: &serde_json::Value) -> CapturedSpan {
             .unwrap_or_default(),
         attributes,
         service_name: v["service_name"].as_str().map(str::to_string),
+        status_code: v["status_code"]
+            .as_i64()
+            .and_then(|c| i32::try_from(c).ok())
+            .unwrap_or_default(),
+        status_message: s("status_message"),
+        request_headers: v["request_headers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, h)| (k.clone(), h.as_str().unwrap_or_default().to_string()))
+            .collect(),
     }
 }

@@ -103,9 +103,9 @@ async fn http_protobuf_export_reaches_an_independent_collector_one_span_per_requ
     one_span_per_request(w, tls, http, Collector::Http(&otlp)).await;
 }
 
-/// Five requests (tunnels and forwarded, allowed and denied, one malformed): each has
-/// one audit line and one span at the collector, with the same IDs, and each span is
-/// counted as exported.
+/// Six requests (tunnels and forwarded, allowed and denied, one malformed, one failed by
+/// its upstream): each has one audit line and one span at the collector, with the same
+/// IDs, and each span is counted as exported.
 async fn one_span_per_request(w: World, tls: TlsEcho, http: HttpEcho, collector: Collector<'_>) {
     let agent = w.agent(RESEARCH).unwrap();
     let traceparent = format!("00-{AGENT_TRACE}-{AGENT_SPAN}-01");
@@ -134,22 +134,33 @@ async fn one_span_per_request(w: World, tls: TlsEcho, http: HttpEcho, collector:
         .await
         .unwrap();
     assert_eq!(r.status, 400);
+    // Allowed, but the upstream speaks TLS to a plain-HTTP request: the gateway fails it.
+    let r = agent
+        .request(
+            "GET",
+            &format!("http://localhost:{}/plain", tls.addr.port()),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 502);
 
-    let lines = w.gateway.wait_for_audit(5).await;
-    assert_eq!(lines.len(), 5, "{lines:#?}");
+    let lines = w.gateway.wait_for_audit(6).await;
+    assert_eq!(lines.len(), 6, "{lines:#?}");
     w.gateway.gateway().telemetry().flush().await;
-    let spans = collector.wait_for_spans(5).await;
+    let spans = collector.wait_for_spans(6).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spans_after = collector.spans();
     assert_eq!(
         spans_after.len(),
-        5,
+        6,
         "exactly one span per request: {spans_after:#?}"
     );
     let m = w.gateway.metrics().await.unwrap();
     assert_eq!(
         metric_value(&m, "egress_otlp_spans_exported_total", &[]),
-        Some(5.0),
+        Some(6.0),
         "{m}"
     );
     assert_eq!(
@@ -187,6 +198,19 @@ async fn one_span_per_request(w: World, tls: TlsEcho, http: HttpEcho, collector:
             line["bytes_received"].as_i64()
         );
         assert_eq!(span.str("http.request.method"), line["method"].as_str());
+        // Only what failed on the gateway's side (5xx) is an error span, with the
+        // audit line's error as its message; a denial is the gateway working.
+        if line["status"].as_i64() == Some(502) {
+            assert_eq!(span.status_code, 2, "{span:#?}");
+            assert_eq!(
+                Some(span.status_message.as_str()),
+                line["error"].as_str(),
+                "{line}"
+            );
+            assert_eq!(span.str("error.type"), line["error"].as_str(), "{line}");
+        } else {
+            assert_eq!(span.status_code, 0, "{span:#?}");
+        }
         assert_eq!(span.service_name.as_deref(), Some("egress-gateway"));
         // HTTP semantic conventions: the agent's IP and port apart, the destination
         // as `server.*`, the address connected to as `network.peer.address`.
@@ -213,7 +237,7 @@ async fn one_span_per_request(w: World, tls: TlsEcho, http: HttpEcho, collector:
     assert!(children.iter().all(|s| s.parent_span_id == AGENT_SPAN));
     // ...and requests without one start a new trace.
     let roots = spans.iter().filter(|s| s.parent_span_id.is_empty()).count();
-    assert_eq!(roots, 3);
+    assert_eq!(roots, 4);
 
     // The gateway's span is the upstream's parent.
     let forwarded = children.iter().find(|s| s.name == "GET").unwrap();
