@@ -51,7 +51,7 @@
 # 3. open loop at RATE requests/s on 64 connections: the proxy's CPU-seconds per 1000
 #    requests, and p50/p99 latency (from each request's due time) minus direct's;
 # 4. the gateway with span export on against off: closed-loop (16) throughput ratio
-#    (off, on, on, off, right after each other);
+#    (off, on, on, off, off, on, on, off, half-length runs right after each other);
 # 5. new connections, 16 in parallel, each mTLS handshake + CONNECT + GET + close (no
 #    session resumption): connections/s and the proxy's CPU-ms per connection;
 # 6. IDLE_TUNNELS tunnels opened (one GET each) and held: the proxy's RSS growth per tunnel.
