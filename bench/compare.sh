@@ -54,7 +54,9 @@
 #    (off, on, on, off, off, on, on, off, half-length runs right after each other);
 # 5. new connections, 16 in parallel, each mTLS handshake + CONNECT + GET + close (no
 #    session resumption): connections/s and the proxy's CPU-ms per connection;
-# 6. IDLE_TUNNELS tunnels opened (one GET each) and held: the proxy's RSS growth per tunnel.
+# 6. IDLE_TUNNELS tunnels opened (one GET each) and held: the proxy's RSS growth per tunnel
+#    (measured first in each round, on fresh processes, so that heap grown and freed by
+#    the other measures does not hide it).
 # Figures are medians over rounds; ratios are medians of per-round ratios. The load
 # client, the upstream and the proxy share the machine's cores, so absolute numbers
 # are bounded by the machine and move with whatever else runs on it; compare the

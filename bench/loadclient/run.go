@@ -261,6 +261,19 @@ func logf(format string, a ...any) {
 }
 
 func (r *runner) oneRound(order []*system, otlpSys *system) error {
+	// 0. Idle tunnels, first, while the proxies are fresh: memory that earlier load
+	// grew and freed would otherwise take the tunnels and hide what they cost.
+	for _, s := range order {
+		if !r.runs("idle") {
+			break
+		}
+		if s.kind == "direct" {
+			continue
+		}
+		if err := r.idleTunnels(s); err != nil {
+			return fmt.Errorf("idle tunnels via %s: %w", s.name, err)
+		}
+	}
 	// 1. Bulk download through one tunnel.
 	for _, s := range order {
 		if !r.runs("bulk") {
@@ -353,18 +366,6 @@ func (r *runner) oneRound(order []*system, otlpSys *system) error {
 		}
 		if err := r.newConns(s, 16); err != nil {
 			return fmt.Errorf("new connections via %s: %w", s.name, err)
-		}
-	}
-	// 6. Idle tunnels.
-	for _, s := range order {
-		if !r.runs("idle") {
-			break
-		}
-		if s.kind == "direct" {
-			continue
-		}
-		if err := r.idleTunnels(s); err != nil {
-			return fmt.Errorf("idle tunnels via %s: %w", s.name, err)
 		}
 	}
 	return nil
