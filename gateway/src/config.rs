@@ -649,30 +649,13 @@ fn otlp_headers(list: &str) -> Result<http::HeaderMap, String> {
         };
         let name = http::HeaderName::from_bytes(key.trim().as_bytes())
             .map_err(|_| format!("`{}` is not a header name", key.trim()))?;
-        let decoded = percent_decode(value.trim())
+        let decoded = egress_policy::percent_decode(value.trim())
             .ok_or_else(|| format!("the value of `{name}` has a bad percent-escape"))?;
         let value = http::HeaderValue::from_bytes(&decoded)
             .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
         headers.append(name, value);
     }
     Ok(headers)
-}
-
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 /// Parses YAML with the failing field's path and line in the error.

@@ -2,6 +2,7 @@
 //! read the body before evaluating (two-phase evaluation for `models`).
 
 use crate::host::normalize_host;
+use crate::percent::percent_decode;
 use crate::policy::Policy;
 use crate::request::{Request, RequestKind};
 
@@ -18,26 +19,9 @@ pub fn model_from_path(path: &str) -> Option<String> {
     if model.is_empty() || method.is_empty() || model.contains('/') {
         return None;
     }
-    let decoded = percent_decode(model)?;
+    // A malformed escape or a result that is not UTF-8 names no model.
+    let decoded = String::from_utf8(percent_decode(model)?).ok()?;
     (!decoded.is_empty()).then_some(decoded)
-}
-
-/// `%XX` escapes decoded; `None` for a malformed escape or a result that is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 impl Policy {

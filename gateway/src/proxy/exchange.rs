@@ -233,7 +233,8 @@ impl Exchange {
             record.duration_ms = elapsed.as_millis() as u64;
             if let Some(span) = self.span.take().filter(RequestSpan::is_recorded) {
                 let attributes = span_attributes(&record, self.peer_address);
-                span.end(&attributes, record.status, record.error.as_deref());
+                self.telemetry
+                    .end_span(span, &attributes, record.status, record.error.as_deref());
             }
             self.telemetry
                 .metrics

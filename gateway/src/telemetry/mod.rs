@@ -23,7 +23,7 @@ pub use trace_context::TraceContext;
 
 /// The span exporter and metrics every request reports to.
 pub struct Telemetry {
-    exporter: Option<Arc<otlp::Exporter>>,
+    exporter: Option<otlp::Exporter>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -34,7 +34,7 @@ impl Telemetry {
     pub fn new(cfg: &config::Telemetry) -> Result<Self, TelemetryError> {
         let metrics = Arc::new(Metrics::new());
         let exporter = match &cfg.otlp_endpoint {
-            Some(endpoint) => Some(Arc::new(otlp::Exporter::start(cfg, endpoint, &metrics)?)),
+            Some(endpoint) => Some(otlp::Exporter::start(cfg, endpoint, &metrics)?),
             None => None,
         };
         Ok(Telemetry { exporter, metrics })
@@ -56,12 +56,49 @@ impl Telemetry {
         };
         RequestSpan {
             // Nothing to build for a span that goes nowhere.
-            exporter: self.exporter.clone().filter(|_| ctx.sampled),
+            recorded: self.exporter.is_some() && ctx.sampled,
             name: span_name(method),
             parent,
             start: SystemTime::now(),
             ctx,
         }
+    }
+
+    /// Ends `span` with the attributes its request ended with; a 5xx `status` marks
+    /// it failed, with `error` (or the status) as the message.
+    pub fn end_span(
+        &self,
+        span: RequestSpan,
+        attributes: &Attributes,
+        status: u16,
+        error: Option<&str>,
+    ) {
+        let Some(exporter) = self.exporter.as_ref().filter(|_| span.recorded) else {
+            return;
+        };
+        let status_message;
+        let error = if status >= 500 {
+            match error {
+                Some(e) => Some(e),
+                None => {
+                    status_message = format!("HTTP {status}");
+                    Some(status_message.as_str())
+                }
+            }
+        } else {
+            None
+        };
+        exporter.push(&span_encoding::SpanFields {
+            trace_id: &span.ctx.trace_id,
+            span_id: &span.ctx.span_id,
+            remote_parent: span.parent.as_ref().map(|p| &p.span_id),
+            sampled: span.ctx.sampled,
+            name: &span.name,
+            start_unix_nanos: unix_nanos(span.start),
+            end_unix_nanos: unix_nanos(SystemTime::now()),
+            attributes,
+            error,
+        });
     }
 
     /// Exports what is queued (bounded); call once at shutdown.
@@ -81,7 +118,7 @@ impl Telemetry {
 
 /// The span of one request or tunnel, until it ends.
 pub struct RequestSpan {
-    exporter: Option<Arc<otlp::Exporter>>,
+    recorded: bool,
     name: Cow<'static, str>,
     parent: Option<TraceContext>,
     start: SystemTime,
@@ -92,38 +129,7 @@ impl RequestSpan {
     /// Whether the span is exported (an OTLP endpoint is set and the trace is
     /// sampled): attributes are worth building only then.
     pub fn is_recorded(&self) -> bool {
-        self.exporter.is_some()
-    }
-
-    /// Ends the span with the attributes the request ended with; a 5xx `status` marks
-    /// it failed, with `error` (or the status) as the message.
-    pub fn end(self, attributes: &Attributes, status: u16, error: Option<&str>) {
-        let Some(exporter) = &self.exporter else {
-            return;
-        };
-        let status_message;
-        let error = if status >= 500 {
-            match error {
-                Some(e) => Some(e),
-                None => {
-                    status_message = format!("HTTP {status}");
-                    Some(status_message.as_str())
-                }
-            }
-        } else {
-            None
-        };
-        exporter.push(&span_encoding::SpanFields {
-            trace_id: &self.ctx.trace_id,
-            span_id: &self.ctx.span_id,
-            remote_parent: self.parent.as_ref().map(|p| &p.span_id),
-            sampled: self.ctx.sampled,
-            name: &self.name,
-            start_unix_nanos: unix_nanos(self.start),
-            end_unix_nanos: unix_nanos(SystemTime::now()),
-            attributes,
-            error,
-        });
+        self.recorded
     }
 
     /// Ends without a span (an intercepted tunnel: its requests have their own).

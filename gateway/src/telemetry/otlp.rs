@@ -76,8 +76,8 @@ impl Exporter {
         };
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| bad("OTLP export needs the gateway's tokio runtime".into()))?;
-        let transport = Transport::new(cfg.otlp_protocol, endpoint, &cfg.otlp_headers)
-            .map_err(|e| bad(e.to_string()))?;
+        let transport =
+            Transport::new(cfg.otlp_protocol, endpoint, &cfg.otlp_headers).map_err(bad)?;
         let queue = Arc::new(SpanQueue {
             pending: Mutex::new(Pending::default()),
             ready: Notify::new(),
@@ -144,6 +144,17 @@ struct Pending {
     spare: Vec<Vec<u8>>,
 }
 
+impl Pending {
+    /// The batch being filled, as it is; the next one starts in a spare buffer.
+    fn seal(&mut self) -> Batch {
+        let next = self.spare.pop().unwrap_or_default();
+        Batch {
+            spans: std::mem::replace(&mut self.filling, next),
+            count: std::mem::take(&mut self.filling_spans),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Batch {
     spans: Vec<u8>,
@@ -165,10 +176,8 @@ impl SpanQueue {
         span.encode(&mut pending.filling);
         pending.filling_spans += 1;
         if pending.filling_spans >= self.batch {
-            let next = pending.spare.pop().unwrap_or_default();
-            let spans = std::mem::replace(&mut pending.filling, next);
-            let count = std::mem::take(&mut pending.filling_spans);
-            pending.full.push_back(Batch { spans, count });
+            let batch = pending.seal();
+            pending.full.push_back(batch);
             drop(pending);
             self.ready.notify_one();
         }
@@ -183,10 +192,7 @@ impl SpanQueue {
         if !partial || pending.filling_spans == 0 {
             return None;
         }
-        let next = pending.spare.pop().unwrap_or_default();
-        let spans = std::mem::replace(&mut pending.filling, next);
-        let count = std::mem::take(&mut pending.filling_spans);
-        Some(Batch { spans, count })
+        Some(pending.seal())
     }
 
     fn finished(&self, mut batch: Batch) {

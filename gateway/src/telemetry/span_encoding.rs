@@ -255,6 +255,8 @@ mod tests {
         );
         attrs.str("egress.rule", "");
         attrs.str("long", &long);
+        // Lengths are in bytes: an MCP tool name or a model can be any UTF-8.
+        attrs.str("mcp.tool.name", "ツール_résumé");
         attrs.int("server.port", 443);
         attrs.int("negative", -7);
         attrs.int("big", i64::MAX);
@@ -315,7 +317,11 @@ mod tests {
         assert_eq!(status.code, StatusCode::Error as i32);
         assert_eq!(status.message, "upstream connect failed");
         let a = &s.attributes;
-        assert_eq!(a.len(), 9);
+        assert_eq!(a.len(), 10);
+        assert_eq!(
+            attribute(a, "mcp.tool.name"),
+            &Value::StringValue("ツール_résumé".into())
+        );
         assert_eq!(
             attribute(a, "http.request.method"),
             &Value::StringValue("GET".into())
